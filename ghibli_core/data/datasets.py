@@ -1,0 +1,154 @@
+"""Training data: image folders resized once, and deterministic random crops.
+
+Randomness here never touches global RNGs: every sample's crop, flip and pairing derive from
+``(seed, sample index)``, so a resumed run draws exactly the samples it would have drawn, on any
+number of processes.
+"""
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..imaging import list_images, load_image
+
+
+def select_images(
+    roots: Sequence[str | Path], *, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> list[Path]:
+    """Images under ``roots`` whose path relative to its root matches the filters.
+
+    ``include``/``exclude`` are glob patterns (``howls_moving_castle/*``); a path is kept when it
+    matches any include pattern (or there are none) and no exclude pattern.
+    """
+    kept: list[Path] = []
+    for root in roots:
+        root = Path(root)
+        for path in list_images([root]):
+            rel = path.relative_to(root).as_posix() if root.is_dir() else path.name
+            if include and not any(fnmatch.fnmatch(rel, p) for p in include):
+                continue
+            if any(fnmatch.fnmatch(rel, p) for p in exclude):
+                continue
+            kept.append(path)
+    if not kept:
+        raise ValueError(
+            f"no images left in {', '.join(map(str, roots))} after filters include={list(include)} exclude={list(exclude)}"
+        )
+    return kept
+
+
+def resize_short_side(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    scale = size / min(w, h)
+    return img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+
+
+class ImageSet:
+    """Images resized so their short side is ``load_size``, held as uint8 ``(H, W, 3)`` arrays.
+
+    Args:
+        paths: image files.
+        load_size: short side after resizing (the crop is taken from this).
+        preload: decode everything once up front (fast training on small sets); otherwise
+            decode on every access.
+        progress: show a progress bar while preloading.
+    """
+
+    def __init__(self, paths: Sequence[Path], *, load_size: int, preload: bool = True, progress: bool = True):
+        if not paths:
+            raise ValueError("ImageSet needs at least one image")
+        self.paths = list(paths)
+        self.load_size = load_size
+        self._cache: list[np.ndarray] | None = None
+        if preload:
+            self._cache = [self._load(p) for p in tqdm(self.paths, desc="loading images", disable=not progress, leave=False)]
+
+    def _load(self, path: Path) -> np.ndarray:
+        return np.asarray(resize_short_side(load_image(path), self.load_size))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self._cache[i] if self._cache is not None else self._load(self.paths[i])
+
+
+def random_crop(img: np.ndarray, size: int, generator: torch.Generator, *, flip: bool = True) -> torch.Tensor:
+    """A random ``size`` crop (and horizontal flip) of a uint8 HWC image.
+
+    Returns ``(3, size, size)`` float32 in ``[-1, 1]``.
+    """
+    h, w = img.shape[:2]
+    if h < size or w < size:
+        raise ValueError(f"image of {w}x{h} is smaller than the crop size {size}")
+    top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
+    left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
+    patch = img[top : top + size, left : left + size]
+    if flip and bool(torch.rand((), generator=generator) < 0.5):
+        patch = patch[:, ::-1]
+    t = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float()
+    return t / 127.5 - 1.0
+
+
+class UnpairedCrops(torch.utils.data.Dataset):
+    """Sample ``k`` -> (crop of an A image, crop of an unrelated B image).
+
+    Domain A is walked in a fresh seeded permutation each epoch; domain B is drawn from its own
+    permutation stream, so pairs change from epoch to epoch (unpaired training).
+    """
+
+    def __init__(self, set_a: ImageSet, set_b: ImageSet, *, crop_size: int, seed: int, flip: bool = True):
+        self.a, self.b = set_a, set_b
+        self.crop_size, self.seed, self.flip = crop_size, seed, flip
+        self._perms: dict[tuple[str, int], torch.Tensor] = {}
+
+    def __len__(self) -> int:  # the index space is unbounded; this is one epoch of A
+        return len(self.a)
+
+    def _perm(self, domain: str, n: int, epoch: int) -> torch.Tensor:
+        key = (domain, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 8:
+                self._perms.clear()
+            # arithmetic, not hash(): str hashes change from process to process
+            stream = 2 * epoch + (domain == "b")
+            g = torch.Generator().manual_seed((self.seed * 7_919_001 + stream * 104_729 + 17) & 0x7FFF_FFFF_FFFF)
+            self._perms[key] = torch.randperm(n, generator=g)
+        return self._perms[key]
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ia = int(self._perm("a", len(self.a), k // len(self.a))[k % len(self.a)])
+        # B walks its own permutation with a stride that is coprime-ish with len(A), so
+        # the same A image meets different B images in different epochs.
+        kb = k * 7919
+        ib = int(self._perm("b", len(self.b), kb // len(self.b))[kb % len(self.b)])
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + k) & 0x7FFF_FFFF_FFFF)
+        return (
+            random_crop(self.a[ia], self.crop_size, g, flip=self.flip),
+            random_crop(self.b[ib], self.crop_size, g, flip=self.flip),
+        )
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batches of sample indices for steps ``start .. stop-1`` of one process.
+
+    Process ``rank`` of ``world`` takes ``batch_size`` consecutive indices of each step's
+    ``world * batch_size`` block, so processes never see the same sample in a step.
+    """
+
+    def __init__(self, *, start: int, stop: int, batch_size: int, rank: int = 0, world: int = 1):
+        self.start, self.stop, self.batch_size, self.rank, self.world = start, stop, batch_size, rank, world
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            base = (step * self.world + self.rank) * self.batch_size
+            yield list(range(base, base + self.batch_size))

@@ -1,0 +1,1 @@
+"""Trainers. Each trainer is a function taking a JSON-able config dataclass."""
