@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "ghibli_core.cli.evaluate",
     "ghibli_core.cli.hub",
     "ghibli_core.cli.convert",
+    "ghibli_core.cli.export",
 ]
 
 
