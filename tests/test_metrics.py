@@ -65,6 +65,16 @@ def test_fid_matches_the_sqrtm_formula():
     assert fid(a, b) == pytest.approx(expected, rel=1e-8)
 
 
+@pytest.mark.parametrize(("n", "m", "d"), [(30, 20, 64), (200, 150, 8), (40, 40, 40)])
+def test_fid_trace_paths_agree(n, m, d):
+    # the cross-Gram SVD (few samples) and the D x D eigen path (many samples) are the same number
+    rng = np.random.default_rng(5)
+    a = _gaussian(rng, n, d) * rng.uniform(0.1, 3, size=d)
+    b = _gaussian(rng, m, d, shift=0.2) @ rng.normal(size=(d, d)) / np.sqrt(d)
+    a, b = a - a.mean(0), b - b.mean(0)
+    assert metrics._trace_sqrt_gram(a, b) == pytest.approx(metrics._trace_sqrt_cov(a, b), rel=1e-9)
+
+
 def test_fid_and_kid_grow_with_the_shift_between_distributions():
     rng = np.random.default_rng(2)
     a, same = _gaussian(rng, 120, 32), _gaussian(rng, 120, 32)
@@ -101,6 +111,15 @@ def test_kid_is_deterministic_and_caps_the_subset_size():
     assert first[1] > 0
     small = kid(a[:30], b, subsets=5, subset_size=1000)
     assert small[1] == pytest.approx(0.0, abs=1e-12)  # both sets whole every time: no spread
+
+
+def test_kid_precomputed_kernel_matches_per_subset_kernels(monkeypatch):
+    rng = np.random.default_rng(6)
+    a, b = _gaussian(rng, 50, 24), _gaussian(rng, 40, 24, shift=0.3)
+    precomputed = kid(a, b, subsets=8, subset_size=30)
+    monkeypatch.setattr(metrics, "_KID_FULL_KERNEL_MAX", 0)  # force the per-subset path
+    per_subset = kid(a, b, subsets=8, subset_size=30)
+    assert precomputed == pytest.approx(per_subset, rel=1e-10, abs=1e-12)
 
 
 @pytest.mark.parametrize(
