@@ -20,7 +20,8 @@ through LFS, so neither ``hf_xet`` nor an LFS server is needed.
 
 Repos live in memory as commits (a pinned sha keeps its files when ``main`` moves on). The hub can
 go :meth:`FakeHub.down` (both listeners stop, connections are refused) and come back :meth:`up` on
-the same ports, or :meth:`FakeHub.stall` (connections are accepted, never answered). Every request is recorded in :attr:`FakeHub.requests`.
+the same ports, or :meth:`FakeHub.stall` (connections are accepted, never answered). Every request
+is recorded in :attr:`FakeHub.requests`.
 
 Pointing huggingface_hub at it: its endpoint is read once, at import, from ``HF_ENDPOINT``. In
 process use :meth:`FakeHub.patch_huggingface_hub` (monkeypatches ``huggingface_hub.constants``);
