@@ -63,6 +63,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--films",
         type=lambda s: [name for name in s.split(",") if name],
         default=None,
+        metavar="A,B,...",
         help="comma-separated sub-folders of --frames to use (e.g. held-out films); default all",
     )
     p.add_argument(
@@ -73,9 +74,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--exclude", action="append", default=None, metavar="GLOB",
         help="drop frames whose path relative to --frames matches (repeatable; applied after --include)",
     )
-    p.add_argument("--size", type=int, default=256, help="centre-crop and resize both sets to SIZE x SIZE")
+    p.add_argument("--size", type=int, default=256, help="centre-crop and resize both sets to SIZE x SIZE (default 256)")
     p.add_argument("--max-images", type=int, metavar="N", help="use at most N photos and N frames, evenly spaced")
     p.add_argument("--device", default="cpu", help="torch device for the model and the Inception network (default cpu)")
+    p.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+        help="the model's precision (default auto: what the app and the stylize command use)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (capped at the smaller set)")
@@ -111,8 +116,9 @@ def run(args: argparse.Namespace) -> int:
     from ..metrics import InceptionFeatures, evaluate_translation
     from ..stylize import Stylizer
 
-    if args.size < 8:
-        raise ValueError(f"--size must be >= 8, got {args.size}")
+    # checked before the slow model and image loading
+    if args.size < 1:
+        raise ValueError(f"--size must be >= 1, got {args.size}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     photo_paths = find_images(args.photos, max_images=args.max_images)
@@ -121,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     model = load(args.model, revision=args.revision, map_location="cpu")
-    stylizer = Stylizer(model, device=args.device)
+    stylizer = Stylizer(model, device=args.device, precision=args.precision)
     photos = _load_cropped(photo_paths, args.size, "load photos")
     frames = _load_cropped(frame_paths, args.size, "load frames")
 
@@ -148,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
             **result,
             "model_spec": args.model,
             "revision": args.revision,
+            "precision": args.precision,
             "photos_dir": str(args.photos),
             "frames_dir": str(args.frames),
             "films": args.films,
