@@ -74,7 +74,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--exclude", action="append", default=None, metavar="GLOB",
         help="drop frames whose path relative to --frames matches (repeatable; applied after --include)",
     )
-    p.add_argument("--size", type=int, default=256, help="centre-crop and resize both sets to SIZE x SIZE (default 256)")
+    p.add_argument("--size", type=int, default=256, help="centre-crop and resize both sets to SIZE x SIZE (256)")
     p.add_argument("--max-images", type=int, metavar="N", help="use at most N photos and N frames, evenly spaced")
     p.add_argument("--device", default="cpu", help="torch device for the model and the Inception network (default cpu)")
     p.add_argument(
