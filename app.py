@@ -1,0 +1,471 @@
+"""Ghibli Studio: the Gradio app (layout and events only; the work is done by ``ghibli_core``).
+
+Run it with ``python app.py`` (http://127.0.0.1:7860, no network needed) or as a Hugging Face
+Space (``SYSTEM=spaces`` binds 0.0.0.0). ``python app.py --help`` lists the flags.
+
+Structure: :class:`Models` loads models lazily and shares them between sessions; each tab is
+one function taking an :class:`AppContext` and building its components and events inside the
+current ``gr.Blocks`` (:data:`TABS` lists them, in order); :func:`build_app` assembles the
+Blocks and its queue, :func:`launch` serves it. Importing this module loads no model.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import html
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+from PIL import Image
+
+from ghibli_core import hub
+from ghibli_core.imaging import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from ghibli_core.stylize import Stylizer
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLES_DIR = ROOT / "examples"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+# Uploads above this are refused by Gradio before any of our code runs; the pixel limit of
+# load_image then guards against small files that decode into huge images.
+MAX_FILE_SIZE = "50mb"
+HEAVY = "heavy"  # concurrency_id shared by every event that runs a network
+
+_REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_FRONT_MATTER_RE = re.compile(r"\A---\s*\n.*?\n---\s*\n", re.DOTALL)
+
+
+class UserError(ValueError):
+    """A problem with what the user asked for; shown as it is."""
+
+
+# -- models -----------------------------------------------------------------------------------
+class Models:
+    """The models the app serves: embedded ones under ``weights_dir`` or Hub repos.
+
+    Models load on first use and stay loaded (``ghibli_core.hub`` keeps the modules, this class
+    the :class:`Stylizer` built on each), so a second request with the same model costs nothing.
+    Thread-safe: Gradio runs events in worker threads.
+
+    Args:
+        weights_dir: folder of embedded checkpoints (one sub-folder each).
+        default_model: the embedded model selected at start, and the fallback when a Hub repo
+            cannot be reached.
+        device: torch device the networks run on.
+        precision: compute precision passed to :class:`Stylizer` (``"auto"`` picks per device).
+        cache_size: how many engines to keep.
+    """
+
+    def __init__(
+        self,
+        *,
+        weights_dir: str | Path = hub.WEIGHTS_DIR,
+        default_model: str = hub.DEFAULT_MODEL,
+        device: str = "cpu",
+        precision: str = "auto",
+        cache_size: int = 4,
+    ):
+        self.weights_dir = Path(weights_dir)
+        self.default_model = default_model
+        self.device = device
+        self.precision = precision
+        self.cache_size = cache_size
+        # id(model) -> (model, engine); the model is held so its id cannot be reused
+        self._engines: OrderedDict[int, tuple[Any, Stylizer]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def embedded(self) -> list[str]:
+        """Names of the embedded models, read from disk each time (new exports show up)."""
+        return hub.embedded_models(self.weights_dir)
+
+    def initial_choice(self) -> str | None:
+        names = self.embedded()
+        if self.default_model in names:
+            return self.default_model
+        return names[0] if names else None
+
+    def spec(self, embedded: str | None, hub_repo: str | None, revision: str | None) -> str | hub.ModelSpec:
+        """The model the controls name: the Hub repo when one is typed, else the embedded choice.
+
+        The dropdown value is checked against the embedded names and the repo box is always
+        read as a Hub repo: an API caller must not be able to point the app at arbitrary
+        folders on the server.
+        """
+        repo_text = (hub_repo or "").strip()
+        revision = (revision or "").strip() or None
+        if repo_text:
+            repo, at, rev_in_text = repo_text.partition("@")
+            if not _REPO_ID_RE.fullmatch(repo) or ".." in repo:
+                raise UserError(f"Hub repo must look like 'owner/name', got {repo_text!r}")
+            if at and not rev_in_text:
+                raise UserError(f"empty revision after '@' in {repo_text!r}")
+            if rev_in_text and revision and rev_in_text != revision:
+                raise UserError(f"two revisions for {repo}: {rev_in_text!r} in the repo box and {revision!r} in the revision box")
+            return hub.parse_spec(hub.ModelSpec("hub", repo), revision or rev_in_text or None)
+        if revision:
+            raise UserError("a revision only applies to a Hub repo: type the repo as owner/name, or clear the revision")
+        names = self.embedded()
+        if not embedded:
+            if not names:
+                raise UserError(f"no embedded model is installed in {self.weights_dir}: type a Hub repo as owner/name")
+            raise UserError("choose a model")
+        if embedded not in names:
+            raise UserError(f"unknown model {embedded!r}; embedded models: {', '.join(names) or 'none'}")
+        return embedded
+
+    def stylizer(self, spec: str | hub.ModelSpec) -> tuple[Stylizer, str | None, str]:
+        """``(engine, notice, card)`` for ``spec``: ``notice`` says when the default was used
+        instead (Hub unreachable and no cached copy), ``card`` is the served model's card."""
+        model, notice = hub.load_with_fallback(
+            spec, weights_dir=self.weights_dir, default=self.default_model, map_location="cpu"
+        )
+        # after a successful load the files are local: read the card without asking the Hub again
+        card = self.card(self.default_model) if notice else self.card(spec, offline=True)
+        with self._lock:
+            entry = self._engines.get(id(model))
+            if entry is None:
+                entry = (model, Stylizer(model, device=self.device, precision=self.precision))
+                self._engines[id(model)] = entry
+                while len(self._engines) > self.cache_size:
+                    self._engines.popitem(last=False)
+            self._engines.move_to_end(id(model))
+        return entry[1], notice, card
+
+    def card(self, spec: str | hub.ModelSpec | None, *, offline: bool = True) -> str:
+        """The model card as Markdown (YAML front matter removed), or a line saying there is none."""
+        if not spec:
+            return "*No model selected.*"
+        try:
+            folder = hub.resolve(spec, weights_dir=self.weights_dir, offline=offline)
+        except (ValueError, hub.HubError) as exc:
+            return f"*No model card: {html.escape(str(exc))}*"
+        text = _FRONT_MATTER_RE.sub("", hub.model_card(folder), count=1).strip()
+        return text or f"*{spec} has no model card.*"
+
+
+# -- results on disk ----------------------------------------------------------------------------
+class OutputFolder:
+    """Where result files are written for Gradio to serve.
+
+    Gradio copies every returned file into its own cache (and deletes those copies on its own
+    schedule), so ours are only needed for a moment; folders older than ``keep_s`` are removed
+    on each write.
+    """
+
+    def __init__(self, *, keep_s: float = 600.0):
+        self.keep_s = keep_s
+        self._root: Path | None = None
+        self._lock = threading.Lock()
+
+    def path_for(self, name: str) -> Path:
+        with self._lock:
+            if self._root is None or not self._root.is_dir():
+                self._root = Path(tempfile.mkdtemp(prefix="ghibli-studio-"))
+                atexit.register(shutil.rmtree, self._root, True)
+            now = time.time()
+            for old in self._root.iterdir():
+                try:
+                    if now - old.stat().st_mtime > self.keep_s:
+                        shutil.rmtree(old, ignore_errors=True)
+                except FileNotFoundError:
+                    continue
+            folder = self._root / uuid.uuid4().hex
+            folder.mkdir()
+        return folder / name
+
+
+def _safe_stem(name: str | None, fallback: str = "photo") -> str:
+    stem = Path(name or "").stem
+    stem = re.sub(r"[^\w.-]+", "_", stem).strip("._")[:80]
+    return stem or fallback
+
+
+# -- shared context -----------------------------------------------------------------------------
+@dataclass
+class AppContext:
+    """What every tab builder gets: the models, the output folder and the app's limits."""
+
+    models: Models
+    outputs: OutputFolder
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    examples_dir: Path = EXAMPLES_DIR
+    heavy_concurrency: int = 1
+
+    @property
+    def heavy(self) -> dict[str, Any]:
+        """Event keywords for jobs that run a network: they share one concurrency limit."""
+        return {"concurrency_id": HEAVY, "concurrency_limit": self.heavy_concurrency}
+
+
+def user_error(exc: Exception, *, replace: dict[str, str] | None = None) -> gr.Error:
+    """A library error as a ``gr.Error`` the user sees (the message, no traceback)."""
+    message = str(exc)
+    for old, new in (replace or {}).items():
+        message = message.replace(old, new)
+    # gr.Error renders HTML: a message naming "<bytes>" or a path with "<" must stay visible text
+    return gr.Error(html.escape(message, quote=False), print_exception=False)
+
+
+def _uploaded_path(payload: Any, what: str) -> tuple[str, str]:
+    """``(server path, the name the user gave it)`` of an uploaded file payload (FileData dict)."""
+    if payload is None:
+        raise UserError(f"upload {what} first")
+    if isinstance(payload, dict):
+        path = payload.get("path")
+        name = payload.get("orig_name") or (Path(path).name if path else None)
+    else:
+        # never a bare path: that would let an API caller name any file on the server
+        raise UserError(f"expected {what} as an uploaded file, got {type(payload).__name__}")
+    if not path:
+        raise UserError(f"upload {what} first")
+    return str(path), name or Path(path).name
+
+
+def _number(value: Any, name: str, *, lo: float, hi: float) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number, got {value!r}") from None
+    if not lo <= x <= hi:
+        raise UserError(f"{name} must be between {lo:g} and {hi:g}, got {x:g}")
+    return x
+
+
+def stylize_at_photo_size(stylizer: Stylizer, photo: Image.Image, *, strength: float, max_side: int) -> Image.Image:
+    """Stylize ``photo`` at most ``max_side`` pixels on its longer side and return it at the
+    photo's own size; for a downscaled run the strength blend is done at full size, so the
+    original keeps its detail where it shows through."""
+    if max(photo.size) <= max_side:
+        return stylizer(photo, strength=strength)
+    styled = stylizer(photo, strength=1.0, max_side=max_side).resize(photo.size, Image.Resampling.LANCZOS)
+    return Image.blend(photo, styled, strength)
+
+
+# -- tab: Photo -> Ghibli -----------------------------------------------------------------------
+MAX_SIDE_RANGE = (256, 4096)
+
+
+def photo_tab(ctx: AppContext) -> None:
+    """Tab "Photo → Ghibli": one photo in, the stylized PNG out at the photo's own size."""
+
+    def run(photo, model, hub_repo, revision, strength, max_side):
+        # The event runs with preprocess=False: Gradio's own image preprocessing would decode the
+        # upload with plain PIL (no pixel cap, a stack trace for a non-image). Inputs arrive raw
+        # and are checked here, by the library's safe loader.
+        try:
+            path, name = _uploaded_path(photo, "a photo")
+            strength = _number(strength, "strength", lo=0.0, hi=1.0)
+            max_side = int(_number(max_side, "max side", lo=MAX_SIDE_RANGE[0], hi=MAX_SIDE_RANGE[1]))
+            spec = ctx.models.spec(model, hub_repo, revision)
+        except (ValueError, hub.HubError) as exc:
+            raise user_error(exc) from None
+        try:
+            image = load_image(path, max_pixels=ctx.max_pixels)
+        except ImageLoadError as exc:
+            raise user_error(exc, replace={path: name}) from None
+        try:
+            stylizer, notice, card = ctx.models.stylizer(spec)
+        except (ValueError, hub.HubError) as exc:
+            raise user_error(exc) from None
+        if notice:
+            gr.Warning(html.escape(notice, quote=False))
+
+        result = stylize_at_photo_size(stylizer, image, strength=strength, max_side=max_side)
+        out = ctx.outputs.path_for(f"{_safe_stem(name)}_ghibli.png")
+        result.save(out, format="PNG")
+        # plain values, not component updates: API clients get a path, a path, text, text
+        return str(out), str(out), f"⚠️ {html.escape(notice, quote=False)}" if notice else "", card
+
+    def show_card(model):
+        if not model or model not in ctx.models.embedded():
+            return "*No model selected.*"
+        return ctx.models.card(model)
+
+    initial = ctx.models.initial_choice()
+    with gr.Tab("Photo → Ghibli", id="photo"):
+        with gr.Row():
+            with gr.Column():
+                photo = gr.Image(label="Photo", type="filepath", sources=["upload", "clipboard"])
+                with gr.Group():
+                    model = gr.Dropdown(
+                        choices=ctx.models.embedded(),
+                        value=initial,
+                        label="Model",
+                        info="an embedded model; a Hub repo typed below takes precedence",
+                    )
+                    with gr.Row():
+                        hub_repo = gr.Textbox("", label="Hub repo owner/name", placeholder="owner/name", scale=3)
+                        revision = gr.Textbox("", label="Revision (optional)", placeholder="main, a tag or a commit", scale=2)
+                strength = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Strength", info="0 = the photo, 1 = fully stylized")
+                max_side = gr.Slider(
+                    *MAX_SIDE_RANGE,
+                    value=1024,
+                    step=64,
+                    label="Max side (px)",
+                    info="larger photos are stylized at this size and returned at their own size",
+                )
+                button = gr.Button("Run", variant="primary")
+            with gr.Column():
+                result = gr.Image(label="Ghibli style", type="filepath", format="png", interactive=False)
+                download = gr.DownloadButton("Download PNG")
+                notice = gr.Markdown(label="Notice")
+                with gr.Accordion("Model card", open=False):
+                    card = gr.Markdown(ctx.models.card(initial), label="Model card")
+        examples = sorted(p for p in ctx.examples_dir.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+        if examples:
+            gr.Examples(
+                examples=[[str(p)] for p in examples],
+                inputs=[photo],
+                cache_examples=False,
+                label="Examples (synthetic scenes)",
+                api_name="photo_example",
+            )
+
+        button.click(
+            run,
+            inputs=[photo, model, hub_repo, revision, strength, max_side],
+            outputs=[result, download, notice, card],
+            api_name="stylize",
+            preprocess=False,
+            **ctx.heavy,
+        )
+        model.change(show_card, inputs=[model], outputs=[card], api_name="model_card")
+
+
+TABS: list[Callable[[AppContext], None]] = [photo_tab]
+
+
+# -- assembly -----------------------------------------------------------------------------------
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_app(
+    *,
+    weights_dir: str | Path | None = None,
+    default_model: str | None = None,
+    device: str | None = None,
+    precision: str = "auto",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    heavy_concurrency: int = 1,
+    queue_size: int = 16,
+    examples_dir: str | Path = EXAMPLES_DIR,
+) -> gr.Blocks:
+    """Build the app (no model is loaded until a request needs it).
+
+    Args:
+        weights_dir: embedded checkpoints; default ``$GHIBLI_WEIGHTS_DIR`` or ``weights/``.
+        default_model: the embedded model selected at start and used as the fallback;
+            default ``$GHIBLI_DEFAULT_MODEL`` or ``photo2ghibli``.
+        device: torch device for the networks; default CUDA when available, else CPU.
+        precision: compute precision of the engines (``auto``, ``fp32``, ``bf16``, ``fp16``).
+        max_pixels: uploads that decode to more pixels are refused with a message.
+        heavy_concurrency: how many network jobs run at once, over all tabs and users.
+        queue_size: requests waiting beyond this are turned away ("queue full").
+        examples_dir: images offered as examples.
+    """
+    if heavy_concurrency < 1:
+        raise ValueError(f"heavy_concurrency must be at least 1, got {heavy_concurrency}")
+    if queue_size < 1:
+        raise ValueError(f"queue_size must be at least 1, got {queue_size}")
+    models = Models(
+        weights_dir=weights_dir or os.environ.get("GHIBLI_WEIGHTS_DIR") or hub.WEIGHTS_DIR,
+        default_model=default_model or os.environ.get("GHIBLI_DEFAULT_MODEL") or hub.DEFAULT_MODEL,
+        device=device or default_device(),
+        precision=precision,
+    )
+    ctx = AppContext(
+        models=models,
+        outputs=OutputFolder(),
+        max_pixels=max_pixels,
+        examples_dir=Path(examples_dir),
+        heavy_concurrency=heavy_concurrency,
+    )
+    # analytics off: the app promises to run with no network, and never calls home
+    with gr.Blocks(title="Ghibli Studio", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        gr.Markdown("# Ghibli Studio\nTurn photos into Studio-Ghibli-style images.")
+        for tab in TABS:
+            tab(ctx)
+    demo.queue(max_size=queue_size, default_concurrency_limit=4)
+    demo.ghibli_context = ctx  # for tests and embedding code that want the app's models
+    return demo
+
+
+def resolve_binding(host: str | None, port: int | None, env: dict[str, str] | None = None) -> tuple[str, int]:
+    """Host and port from the flags, else Gradio's environment variables, else the defaults
+    (127.0.0.1:7860; 0.0.0.0 on a Hugging Face Space, where ``SYSTEM=spaces``)."""
+    env = os.environ if env is None else env
+    if not host:
+        host = env.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if env.get("SYSTEM") == "spaces" else DEFAULT_HOST)
+    if port is None:
+        raw = env.get("GRADIO_SERVER_PORT")
+        try:
+            port = int(raw) if raw else DEFAULT_PORT
+        except ValueError:
+            raise ValueError(f"GRADIO_SERVER_PORT must be a port number, got {raw!r}") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be between 1 and 65535, got {port}")
+    return host, port
+
+
+def launch(
+    demo: gr.Blocks,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    share: bool = False,
+    prevent_thread_lock: bool = False,
+    quiet: bool = False,
+):
+    """Serve ``demo`` (see :func:`resolve_binding` for where); returns Gradio's ``launch`` result."""
+    host, port = resolve_binding(host, port)
+    ctx: AppContext | None = getattr(demo, "ghibli_context", None)
+    allowed = [str(ctx.examples_dir)] if ctx is not None else []
+    return demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        max_file_size=MAX_FILE_SIZE,
+        allowed_paths=allowed,
+        prevent_thread_lock=prevent_thread_lock,
+        quiet=quiet,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Ghibli Studio: the Gradio app.")
+    parser.add_argument("--host", default=None, help=f"address to bind (default $GRADIO_SERVER_NAME, or {DEFAULT_HOST}; 0.0.0.0 on a Space)")
+    parser.add_argument("--port", type=int, default=None, help=f"port (default $GRADIO_SERVER_PORT, or {DEFAULT_PORT})")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs network)")
+    parser.add_argument("--weights-dir", default=None, help="folder of embedded checkpoints (default $GHIBLI_WEIGHTS_DIR or weights/)")
+    parser.add_argument("--model", default=None, help="embedded model selected at start and used as the fallback (default photo2ghibli)")
+    parser.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="compute precision (default auto)")
+    parser.add_argument("--concurrency", type=int, default=1, help="network jobs run at once (default 1)")
+    parser.add_argument("--queue-size", type=int, default=16, help="requests allowed to wait (default 16)")
+    args = parser.parse_args(argv)
+    demo = build_app(
+        weights_dir=args.weights_dir,
+        default_model=args.model,
+        device=args.device,
+        precision=args.precision,
+        heavy_concurrency=args.concurrency,
+        queue_size=args.queue_size,
+    )
+    launch(demo, host=args.host, port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()

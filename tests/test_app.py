@@ -1,0 +1,150 @@
+"""The Gradio app end to end: launched on loopback with a tiny checkpoint, called with gradio_client."""
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+import app  # noqa: E402
+from ghibli_core.models import ResnetGenerator  # noqa: E402
+
+# gradio's queue calls a pandas API that pandas 3 deprecates: not ours to fix, and noise here
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
+
+CARD = "---\nlicense: apache-2.0\n---\n# Tiny test model\nTrained for zero steps.\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def photo(path, size, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(client, tmp folder): the app on a free loopback port, closed after the module."""
+    root = tmp_path_factory.mktemp("app")
+    torch.manual_seed(0)
+    ResnetGenerator(width=4, n_blocks=1).save_pretrained(root / "weights" / "tiny")
+    (root / "weights" / "tiny" / "README.md").write_text(CARD)
+    torch.manual_seed(1)
+    ResnetGenerator(width=4, n_blocks=1).save_pretrained(root / "weights" / "other")
+    (root / "weights" / "other" / "README.md").unlink()  # the mixin writes a generic card
+    demo = app.build_app(weights_dir=root / "weights", default_model="tiny", device="cpu", max_pixels=100_000)
+    app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False, download_files=str(root / "downloads"), analytics_enabled=False)
+        yield client, root
+    finally:
+        demo.close()
+
+
+def test_stylize_keeps_the_photo_size(server):
+    client, root = server
+    src = photo(root / "portrait.png", (37, 53))
+    result, download, notice, card = client.predict(handle_file(str(src)), api_name="/stylize")
+    assert Image.open(result).size == (37, 53)
+    with Image.open(download) as im:
+        assert im.format == "PNG" and im.size == (37, 53)
+    assert download.endswith("portrait_ghibli.png")
+    assert notice == ""
+    assert "Tiny test model" in card and "license:" not in card  # front matter stripped
+
+
+def test_max_side_is_a_processing_size_and_strength_zero_is_the_photo(server):
+    client, root = server
+    src = photo(root / "wide.png", (300, 200), seed=1)
+    result, *_ = client.predict(handle_file(str(src)), "other", "", "", 1.0, 256, api_name="/stylize")
+    assert Image.open(result).size == (300, 200)
+    result, *_ = client.predict(handle_file(str(src)), "tiny", "", "", 0.0, 256, api_name="/stylize")
+    diff = np.abs(np.asarray(Image.open(result), np.int16) - np.asarray(Image.open(src), np.int16))
+    assert diff.max() <= 1
+
+
+def test_non_image_upload_is_a_clean_error(server):
+    client, root = server
+    bad = root / "holiday.png"
+    bad.write_text("this is a text file, not a photo")
+    with pytest.raises(AppError) as info:
+        client.predict(handle_file(str(bad)), api_name="/stylize")
+    message = str(info.value)
+    assert "holiday.png" in message and "image" in message
+    assert "Traceback" not in message and str(root) not in message
+
+
+def test_too_many_pixels_is_a_clean_error(server):
+    client, root = server
+    big = photo(root / "big.png", (400, 300))  # 120,000 pixels, above the app's limit of 100,000
+    with pytest.raises(AppError, match="more than the limit") as info:
+        client.predict(handle_file(str(big)), api_name="/stylize")
+    assert "big.png" in str(info.value)
+
+
+def test_bad_model_choices_are_clean_errors(server):
+    client, root = server
+    src = photo(root / "p.png", (16, 16))
+    with pytest.raises(AppError, match="owner/name"):
+        client.predict(handle_file(str(src)), "tiny", "../../etc", "", 1.0, 1024, api_name="/stylize")
+    with pytest.raises(AppError, match="unknown model"):
+        client.predict(handle_file(str(src)), str(root / "weights" / "tiny"), "", "", 1.0, 1024, api_name="/stylize")
+    with pytest.raises(AppError, match="revision only applies"):
+        client.predict(handle_file(str(src)), "tiny", "", "v1", 1.0, 1024, api_name="/stylize")
+    with pytest.raises(AppError, match="strength"):
+        client.predict(handle_file(str(src)), "tiny", "", "", 3.0, 1024, api_name="/stylize")
+
+
+def test_unreachable_hub_falls_back_with_a_notice(server, monkeypatch):
+    client, root = server
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the server runs in this process: it sees the variable
+    src = photo(root / "q.png", (20, 28))
+    result, _, notice, card = client.predict(
+        handle_file(str(src)), "other", "ghibli-studio-tests/not-cached", "", 1.0, 1024, api_name="/stylize"
+    )
+    assert Image.open(result).size == (20, 28)
+    assert "not-cached" in notice and "tiny" in notice
+    assert "Tiny test model" in card  # the card of the model actually served
+
+
+def test_model_card_endpoint(server):
+    client, _ = server
+    assert "Tiny test model" in client.predict("tiny", api_name="/model_card")
+    assert "no model card" in client.predict("other", api_name="/model_card")
+
+
+def test_binding_follows_flags_then_environment():
+    assert app.resolve_binding(None, None, env={}) == ("127.0.0.1", 7860)
+    assert app.resolve_binding(None, None, env={"SYSTEM": "spaces"}) == ("0.0.0.0", 7860)
+    env = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "8080"}
+    assert app.resolve_binding(None, None, env=env) == ("0.0.0.0", 8080)
+    assert app.resolve_binding("127.0.0.1", 9000, env=env) == ("127.0.0.1", 9000)
+    with pytest.raises(ValueError, match="GRADIO_SERVER_PORT"):
+        app.resolve_binding(None, None, env={"GRADIO_SERVER_PORT": "http"})
+
+
+
+def test_server_files_cannot_be_named_instead_of_uploaded(server):
+    # The event skips Gradio's preprocessing; its check that a file was uploaded must still hold.
+    # Raw HTTP here: gradio_client would upload a local path itself.
+    import httpx
+
+    client, root = server
+    secret = photo(root / "server_side.png", (16, 16))  # exists on the server, never uploaded
+    url = client.src.rstrip("/")
+    for payload in ({"path": str(secret), "meta": {"_type": "gradio.FileData"}}, str(secret)):
+        call = httpx.post(f"{url}/gradio_api/call/stylize", json={"data": [payload, "tiny", "", "", 1.0, 1024]})
+        call.raise_for_status()
+        events = httpx.get(f"{url}/gradio_api/call/stylize/{call.json()['event_id']}", timeout=60).text
+        assert "event: error" in events and "server_side_ghibli" not in events
