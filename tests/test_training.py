@@ -124,7 +124,9 @@ def test_two_cpu_processes_stay_in_sync(domains, tmp_path):
     out = tmp_path / "ddp"
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
     cmd = [
-        accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        # accelerate launches several CPU processes (gloo) with --multi_gpu when there is no GPU;
+        # its --cpu flag would start a single process
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "-m", "ghibli_core", "train", "cyclegan",
         "--domain-a", str(a), "--domain-b", str(b), "--out", str(out),
