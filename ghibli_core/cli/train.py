@@ -86,19 +86,36 @@ def _run_cyclegan(args: argparse.Namespace) -> int:
 
 
 def _make_evaluator(args: argparse.Namespace):
-    """FID/KID of translated ``--eval-photos`` against ``--eval-frames``; frame features computed once."""
+    """FID/KID of translated ``--eval-photos`` against ``--eval-frames``.
+
+    The frames' and raw photos' Inception features are computed once; each checkpoint only
+    translates and scores. ``--eval-max-images`` keeps evenly spaced images so every film stays
+    represented.
+    """
     from ..data.datasets import select_images
     from ..imaging import load_image
-    from ..metrics import InceptionFeatures, evaluate_translation
+    from ..metrics import TranslationEvaluator
     from ..stylize import Stylizer
 
-    photos = [load_image(p) for p in select_images([args.eval_photos])[: args.eval_max_images]]
-    frames = [load_image(p) for p in select_images([args.eval_frames], include=args.eval_include)[: args.eval_max_images]]
-    features = InceptionFeatures()
+    def spaced(paths, n):
+        if n is None or n >= len(paths):
+            return paths
+        return [paths[round(i * (len(paths) - 1) / max(1, n - 1))] for i in range(n)]
+
+    photos = [load_image(p) for p in spaced(select_images([args.eval_photos]), args.eval_max_images)]
+    frames = [
+        load_image(p)
+        for p in spaced(select_images([args.eval_frames], include=args.eval_include), args.eval_max_images)
+    ]
+    evaluator = TranslationEvaluator(photos, frames, size=args.eval_size)
 
     def evaluate(G) -> dict:
-        stylizer = Stylizer(G, precision="fp32")
-        return evaluate_translation(stylizer.stylize_images, photos, frames, size=args.eval_size, features=features)
+        result = evaluator(Stylizer(G, precision="fp32").stylize_images)
+        model, identity = result["model"], result["identity"]
+        return {
+            "fid": model["fid"], "kid_x1000": model["kid_x1000"],
+            "identity_fid": identity["fid"], "identity_kid_x1000": identity["kid_x1000"],
+        }
 
     return evaluate
 
