@@ -164,7 +164,10 @@ class _Workspace:
         numel = math.prod(shape)
         buf = self._buffers.get(name)
         if buf is None or buf.device != like.device or buf.dtype != like.dtype or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            # a normal tensor even when first needed under inference_mode, so that later calls
+            # outside it (e.g. under no_grad) may still write into it
+            with torch.inference_mode(False):
+                buf = torch.empty(numel, dtype=like.dtype, device=like.device)
             self._buffers[name] = buf
         return buf[:numel].view(shape)
 
@@ -471,12 +474,13 @@ class Stylizer:
         tile_size: images with a side above this go through overlapping tiles of this size
             (rounded down to the stride); bounds memory for big photos.
         tile_overlap: pixels shared by neighbouring tiles, blended with raised-cosine weights.
-        share_statistics: tiles normalise with instance-norm statistics recorded on the whole
-            image (downscaled to one tile), so they match the untiled result; ``False`` gives
-            naive tiling, where each tile uses its own statistics (visible seams; for tests).
-        refine_statistics: passes over the full-resolution tiles that re-measure those
-            statistics (features of a downscaled image have other statistics); each pass costs
-            one more run over the tiles. 0 keeps the downscaled image's statistics.
+        share_statistics: tiles normalise with instance-norm statistics recorded once on the
+            whole image, so they agree with each other (no seams); ``False`` gives naive
+            tiling, where each tile uses its own statistics (visible seams; for tests).
+        stats_size: longest side of the downscaled whole image those statistics come from
+            (default ``tile_size``; memory grows with its square). Features of a downscaled
+            image have somewhat other statistics than at full size, so a tiled result is
+            seamless but matches the untiled one exactly only up to this size.
         batch_size: images (or tiles) per forward pass.
     """
 
@@ -491,7 +495,7 @@ class Stylizer:
         tile_size: int = 512,
         tile_overlap: int = 64,
         share_statistics: bool = True,
-        refine_statistics: int = 1,
+        stats_size: int | None = None,
         batch_size: int = 4,
     ):
         self.stride = int(getattr(model, "stride", 1))
@@ -506,9 +510,9 @@ class Stylizer:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.tile_overlap = tile_overlap
         self.share_statistics = share_statistics
-        if refine_statistics < 0:
-            raise ValueError(f"refine_statistics must be >= 0, got {refine_statistics}")
-        self.refine_statistics = refine_statistics
+        self.stats_size = self.tile_size if stats_size is None else stats_size
+        if self.stats_size < 1:
+            raise ValueError(f"stats_size must be positive, got {stats_size}")
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.dtype = resolve_precision(precision, self.device)
@@ -622,16 +626,9 @@ class Stylizer:
 
         with contextlib.ExitStack() as stack:
             if self.share_statistics:
-                # 2. statistics of the whole image, downscaled to one tile, then refined on the
-                #    full-resolution tiles: features of a downscaled image have other statistics
-                ref = self._reference(x)
-                stack.enter_context(shared_statistics(self.network, ref))
-                cores = {(y0, x0): _core_box(ys, y0, th, hp) + _core_box(xs, x0, tw, wp) for y0, x0 in grid}
-                for _ in range(self.refine_statistics):
-                    with _StatisticsAccumulator(self.network) as acc:
-                        for batch in batches:
-                            acc.boxes = [cores[t] for t in batch]
-                            self._forward(tiles_of(batch))
+                # 2. every instance norm records its statistics on the whole image, downscaled
+                #    to at most stats_size, and all tiles reuse them
+                stack.enter_context(shared_statistics(self.network, self._reference(x)))
             # 3. every tile with the same statistics, accumulated with blending weights
             wy = {y0: _blend_weights(hp, th, y0, self.tile_overlap, xp.device) for y0 in ys}
             wx = {x0: _blend_weights(wp, tw, x0, self.tile_overlap, xp.device) for x0 in xs}
@@ -645,58 +642,13 @@ class Stylizer:
         return (out / total)[:, :, :h, :w]
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (1, 3, H, W) downscaled to fit one tile, stride-padded, ready for the network."""
+        """``x`` (1, 3, H, W) downscaled to fit ``stats_size``, stride-padded, ready for the network."""
         h, w = x.shape[2:]
-        scale = self.tile_size / max(h, w)
+        scale = min(1.0, self.stats_size / max(h, w))
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
         ref = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
         ref = self._pad_to_stride(ref.clamp(-1, 1)).to(device=self.device, dtype=self.dtype)
         return ref.contiguous(memory_format=torch.channels_last) if self.channels_last else ref
-
-
-class _StatisticsAccumulator:
-    """Inside :func:`shared_statistics`: sum every instance norm's input over the tiles' core
-    regions (a partition of the image) and, on exit, freeze the norms to those whole-image
-    statistics.
-
-    ``boxes`` holds, for the batch about to run, each tile's core ``(top, bottom, left,
-    right)`` as fractions of the tile, so one box serves every feature resolution.
-    """
-
-    def __init__(self, network: nn.Module):
-        self.norms = [m for m in network.modules() if isinstance(m, InstanceNorm)]
-        self.boxes: list[tuple[float, float, float, float]] = []
-        self._sums: dict[int, list] = {}
-        self._hooks: list = []
-
-    def __enter__(self) -> "_StatisticsAccumulator":
-        for m in self.norms:
-            self._sums[id(m)] = [0.0, 0.0, 0]
-            self._hooks.append(m.register_forward_pre_hook(self._hook))
-        return self
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        x = args[0]
-        fh, fw = x.shape[2:]
-        acc = self._sums[id(module)]
-        for xi, (t, b, l, r) in zip(x, self.boxes):
-            core = xi[:, round(t * fh):round(b * fh), round(l * fw):round(r * fw)].double()
-            acc[0] = acc[0] + core.sum(dim=(1, 2))
-            acc[1] = acc[1] + core.square().sum(dim=(1, 2))
-            acc[2] += core.shape[1] * core.shape[2]
-
-    def __exit__(self, *exc) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        if exc[0] is not None:
-            return
-        for m in self.norms:
-            total, total_sq, count = self._sums[id(m)]
-            if count == 0:
-                continue
-            mean = total / count
-            var = (total_sq / count - mean * mean).clamp_min(0)
-            m._stats = (mean.float().view(1, -1, 1, 1), var.float().view(1, -1, 1, 1))
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -742,15 +694,6 @@ def _tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[i
         if all(b - a <= tile - overlap for a, b in zip(starts, starts[1:])):
             return starts
         n += 1  # alignment rounding made a gap too wide: one tile more
-
-
-def _core_box(starts: list[int], start: int, tile: int, length: int) -> tuple[float, float]:
-    """The part of the tile at ``start`` that it owns (up to the middles of its overlaps with
-    neighbours), as fractions of the tile; the cores of all tiles partition ``[0, length)``."""
-    i = starts.index(start)
-    lo = 0 if i == 0 else (start + starts[i - 1] + tile) / 2
-    hi = length if i == len(starts) - 1 else (starts[i + 1] + start + tile) / 2
-    return (lo - start) / tile, (hi - start) / tile
 
 
 def _blend_weights(length: int, tile: int, start: int, overlap: int, device: torch.device) -> torch.Tensor:
