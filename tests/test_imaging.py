@@ -172,7 +172,8 @@ def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path: Path):
     ramp = np.linspace(0, 65535, 256, dtype=np.uint16).reshape(1, 256).repeat(4, 0)
     path = tmp_path / "deep.png"
     Image.fromarray(ramp).save(path)
-    assert Image.open(path).mode.startswith("I")
+    with Image.open(path) as stored:
+        assert stored.mode.startswith("I")
     out = np.asarray(load_image(path))
     assert out.shape == (4, 256, 3)
     # Pillow's own convert would clip everything above 255 to white
@@ -182,7 +183,9 @@ def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path: Path):
 
 def test_32_bit_integer_image_from_memory():
     arr = np.array([[0, 32768, 65535]], dtype=np.int32)
-    out = np.asarray(load_image(Image.fromarray(arr, mode="I")))
+    img = Image.fromarray(arr)
+    assert img.mode == "I"
+    out = np.asarray(load_image(img))
     assert out[0, :, 0].tolist() == [0, 128, 255]
 
 
@@ -223,7 +226,8 @@ def test_animated_gif_gives_the_first_frame(tmp_path: Path):
     frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
     path = tmp_path / "anim.gif"
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
-    assert Image.open(path).n_frames == 3
+    with Image.open(path) as stored:
+        assert stored.n_frames == 3
     out = np.asarray(load_image(path))
     assert out[4, 4, 0] > 200 and out[4, 4, 2] < 50
 
@@ -299,6 +303,7 @@ def mutated_images(draw) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the corrupt EXIF it skips
 @settings(
     max_examples=300,
     deadline=timedelta(seconds=2),
