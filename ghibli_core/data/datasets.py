@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..imaging import list_images, load_image
+from ..imaging import list_images, load_image, to_tensor
 
 
 def select_images(
@@ -92,8 +92,7 @@ def random_crop(img: np.ndarray, size: int, generator: torch.Generator, *, flip:
     patch = img[top : top + size, left : left + size]
     if flip and bool(torch.rand((), generator=generator) < 0.5):
         patch = patch[:, ::-1]
-    t = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float()
-    return t / 127.5 - 1.0
+    return to_tensor(np.ascontiguousarray(patch))[0]
 
 
 class UnpairedCrops(torch.utils.data.Dataset):

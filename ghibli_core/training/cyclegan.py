@@ -25,11 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from ..imaging import to_tensor
 from ..data.datasets import ImageSet, StepBatches, UnpairedCrops, select_images
 from ..models.cyclegan import PatchDiscriminator, ResnetGenerator, UnetGenerator, init_weights
 from .common import (
@@ -301,8 +303,7 @@ def train_cyclegan(
 def _center(img, size: int) -> torch.Tensor:
     h, w = img.shape[:2]
     top, left = (h - size) // 2, (w - size) // 2
-    t = torch.from_numpy(img[top : top + size, left : left + size].copy()).permute(2, 0, 1).float()
-    return t / 127.5 - 1.0  # (3, size, size) in [-1, 1]
+    return to_tensor(np.ascontiguousarray(img[top : top + size, left : left + size]))[0]  # (3, size, size) in [-1, 1]
 
 
 def _lsgan(pred: torch.Tensor, real: bool) -> torch.Tensor:
