@@ -87,6 +87,26 @@ def test_run_outputs(domains, tmp_path):
     assert json.loads((out / "train_config.json").read_text())["exclude_b"] == ["film2/*"]
 
 
+def test_evaluation_at_checkpoints_keeps_the_best_generator(domains, tmp_path):
+    out = tmp_path / "run"
+    kids = iter([5.0, 2.0, 4.0])  # steps 2, 4, 6: the best is step 4
+    seen = []
+
+    def evaluator(G):
+        seen.append(G(torch.zeros(1, 3, 32, 32)).shape)  # it is handed a working generator
+        return {"fid": 1.0, "kid_x1000": next(kids)}
+
+    train_cyclegan(_cfg(domains, out, eval_every=2), progress=False, evaluator=evaluator)
+    assert len(seen) == 3
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["kid_x1000"]) for r in records if "kid_x1000" in r] == [(2, 5.0), (4, 2.0), (6, 4.0)]
+    best = json.loads((out / "generator-best" / "scores.json").read_text())
+    assert best["step"] == 4 and best["kid_x1000"] == 2.0
+    assert load_model(out / "generator-best")(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    # the best (step 4) differs from the final export (step 6)
+    assert any(not torch.equal(v, _weights(out / "generator")[k]) for k, v in _weights(out / "generator-best").items())
+
+
 def test_refuses_to_clobber_or_change_architecture(domains, tmp_path):
     out = tmp_path / "run"
     train_cyclegan(_cfg(domains, out, steps=3, decay_steps=0), progress=False)

@@ -292,6 +292,13 @@ def train_cyclegan(
         if evaluator is not None and main and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             scores = evaluator(_eval_copy(ema.model if ema else G_A))
             log.write(step=step, **scores)
+            # GAN scores wander from one checkpoint to the next: keep the best one seen so far
+            # (lowest KID) beside the latest, with its scores, so it can be exported later.
+            best_file = out / "generator-best" / "scores.json"
+            kid = scores.get("kid_x1000")
+            if kid is not None and (not best_file.exists() or kid < json.loads(best_file.read_text())["kid_x1000"]):
+                _export(ema.model if ema else G_A, out / "generator-best")
+                best_file.write_text(json.dumps({"step": step, **scores}, indent=2))
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
 
     bar.close()
