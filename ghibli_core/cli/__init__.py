@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "ghibli_core.cli.hub",
     "ghibli_core.cli.convert",
     "ghibli_core.cli.export",
+    "ghibli_core.cli.prepare",
+    "ghibli_core.cli.video",
 ]
 
 
