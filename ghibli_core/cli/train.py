@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 
 from . import command
+from .train_style import add_style_parser, run_style
 
 
 def _add_cyclegan(p: argparse.ArgumentParser) -> None:
@@ -123,10 +124,13 @@ def _make_evaluator(args: argparse.Namespace):
 def _add(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="trainer", metavar="TRAINER", required=True)
     _add_cyclegan(sub.add_parser("cyclegan", help="unpaired photo -> Ghibli translator (CycleGAN)"))
+    add_style_parser(sub.add_parser("style", help="fast feed-forward style network (Johnson et al.), for video"))
 
 
-@command("train", "train a model (cyclegan)", _add)
+@command("train", "train a model (cyclegan, style)", _add)
 def run(args: argparse.Namespace) -> int:
     if args.trainer == "cyclegan":
         return _run_cyclegan(args)
+    if args.trainer == "style":
+        return run_style(args)
     raise ValueError(f"unknown trainer {args.trainer!r}")

@@ -8,6 +8,8 @@ from .cyclegan import (
     init_weights,
     shared_statistics,
 )
+from .perceptual import VGGFeatures, gram_matrix, load_vgg
+from .style_net import PRESETS as STYLE_NET_PRESETS, StyleNet, init_style_net
 
 __all__ = [
     "MODELS",
@@ -23,4 +25,10 @@ __all__ = [
     "read_config",
     "register_model",
     "shared_statistics",
+    "STYLE_NET_PRESETS",
+    "StyleNet",
+    "VGGFeatures",
+    "gram_matrix",
+    "init_style_net",
+    "load_vgg",
 ]
