@@ -61,6 +61,8 @@ except ImportError:  # pragma: no cover - depends on the installed huggingface_h
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_MODEL = "photo2ghibli"
+# the embedded StyleGAN2 generator for projection, neighbours and walks
+DEFAULT_GAN = "ghibli-stylegan2"
 CARD_NAME = "README.md"
 DEFAULT_REVISION = "main"
 

@@ -438,3 +438,55 @@ def noise_loop(
     points = neighbours(ws, n=stops, sigma=sigma, scale=scale, generator=generator)
     for latent in walk(points, frames_per_transition=frames_between, space="w", easing=easing, loop=True):
         yield latent
+
+
+# -- latent files ------------------------------------------------------------------------------
+def save_latent(path, ws: torch.Tensor, *, noise: dict[str, torch.Tensor] | None = None, **metadata: str) -> None:
+    """Write latents (and fitted noise) as safetensors: ``ws`` plus ``noise.<buffer name>`` tensors.
+
+    Written to a temporary name and renamed, so an interrupted write leaves no partial file.
+    """
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if ws.ndim != 3:
+        raise ValueError(f"ws must be (N, num_ws, w_dim), got {tuple(ws.shape)}")
+    tensors = {"ws": ws.detach().float().cpu().contiguous()}
+    for name, value in (noise or {}).items():
+        tensors[f"noise.{name}"] = value.detach().float().cpu().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_latent(path) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, str]]:
+    """``(ws, noise, metadata)`` from a file written by :func:`save_latent` (safetensors only)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latent file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            if "ws" not in keys:
+                raise ValueError(f"{path} holds no 'ws' tensor (keys: {keys[:5]})")
+            ws = f.get_tensor("ws")
+            noise = {k[len("noise."):]: f.get_tensor(k) for k in keys if k.startswith("noise.")}
+            meta = dict(f.metadata() or {})
+    except ValueError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{path} is not a latent file (safetensors): {exc}") from None
+    if ws.ndim != 3:
+        raise ValueError(f"{path}: ws must be (N, num_ws, w_dim), got {tuple(ws.shape)}")
+    return ws, noise, meta

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "ghibli_core.cli.export",
     "ghibli_core.cli.prepare",
     "ghibli_core.cli.video",
+    "ghibli_core.cli.latent",
 ]
 
 
