@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ghibli_core.models import load_model
-from ghibli_core.training.common import ImagePool, linear_decay
+from ghibli_core.training.common import EMA, ImagePool, linear_decay
 from ghibli_core.training.cyclegan import CycleGANConfig, train_cyclegan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,3 +161,22 @@ def test_two_cpu_processes_stay_in_sync(domains, tmp_path):
     syncs = [r for r in records if "in_sync" in r]
     assert [(r["step"], r["in_sync"], r["processes"]) for r in syncs] == [(2, True, 2), (4, True, 2)]
     assert (out / "generator" / "model.safetensors").is_file()
+
+
+def test_ema_warms_up_then_averages():
+    net = torch.nn.Linear(2, 2, bias=False)
+    torch.nn.init.zeros_(net.weight)
+    ema = EMA(net, decay=0.999)
+    assert ema.decay_at(0) == 0.1 and ema.decay_at(None) == 0.999 and ema.decay_at(10**6) == 0.999
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    for step in range(100):
+        ema.update(net, step=step)
+    # after 100 warmed-up steps the average has (almost) forgotten the initial zeros;
+    # a plain 0.999 average would still be at 1 - 0.999**100 = 0.095
+    assert float(ema.model.weight.mean()) > 0.85
+    plain = EMA(torch.nn.Linear(2, 2, bias=False).requires_grad_(False), decay=0.999)
+    torch.nn.init.zeros_(plain.model.weight)
+    for _ in range(100):
+        plain.update(net)
+    assert abs(float(plain.model.weight.mean()) - (1 - 0.999**100)) < 1e-4

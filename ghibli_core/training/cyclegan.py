@@ -262,7 +262,7 @@ def train_cyclegan(
         sched_G.step()
         sched_D.step()
         if ema is not None:
-            ema.update(G_A)
+            ema.update(G_A, step=state.step)
         state.step += 1
         state.wall_time = wall_at_start + (time.time() - t_start)
 
