@@ -57,11 +57,15 @@ class Motion:
         reliable: bool ``(H, W)``: pixels whose flow passed the checks (not occluded); None at
             a cut.
         cut: the frames belong to different shots; nothing should be carried over.
+        residual: float32 ``(H, W)``: grey-level difference (0..255) between the current input
+            frame and the previous one warped by ``flow``; large where the flow is wrong or
+            the light changed. None at a cut.
     """
 
     flow: np.ndarray | None
     reliable: np.ndarray | None
     cut: bool = False
+    residual: np.ndarray | None = None
 
     @property
     def reliable_share(self) -> float:
@@ -202,40 +206,58 @@ class FlowEstimator:
             reliable &= grad <= 0.01 * np.einsum("hwc,hwc->hw", back, back) / s2 + self.boundary_offset
         if reliable.mean() < self.min_reliable:
             return Motion(None, None, cut=True)
-        # 4. back to full resolution
+        # 4. how well the flow explains the input: the previous frame warped onto this one
+        warped = cv2.remap(g_prev, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        residual = cv2.absdiff(g_cur, warped).astype(np.float32)
+        # 5. back to full resolution
         if (fw, fh) != (w, h):
             back = cv2.resize(back, (w, h), interpolation=cv2.INTER_LINEAR)
             back[..., 0] *= w / fw
             back[..., 1] *= h / fh
             reliable = cv2.resize(reliable.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-        return Motion(back, reliable)
+            residual = cv2.resize(residual, (w, h), interpolation=cv2.INTER_LINEAR)
+        return Motion(back, reliable, residual=residual)
 
 
 class TemporalStabilizer:
     """Reduce flicker: blend each stylized frame with the previous output, motion-compensated.
 
     ``out_t = s_t + strength * m * (warp(out_{t-1}) - s_t)`` where ``s_t`` is the stylized frame
-    and ``m`` the reliability mask, feathered inwards so that blended and unblended regions meet
-    smoothly. Being recursive, it averages along motion trajectories over several frames.
+    and ``m`` the reliability mask, lowered where the warped previous *input* does not match the
+    current input (a wrong flow, a change of light), and feathered inwards so that blended and
+    unblended regions meet smoothly. Being recursive, it averages along motion trajectories
+    over several frames.
 
     Args:
         strength: in ``[0, 1]``; 0 = off, 1 = the warped previous output wherever the flow is
             reliable (only occlusions and new content are taken from the new frame).
         flow: the :class:`FlowEstimator` (default settings when None).
         feather: Gaussian sigma in pixels of the mask's inner ramp.
+        max_residual: grey-level difference (0..255) of the warped previous input at which a
+            pixel gets no blending; the weight falls linearly from 1 at 0.
 
     Use: ``motion = stabilizer.analyze(prev_input, input)`` (may run in another thread, ahead),
     then ``out = stabilizer(stylized, motion)`` for frames in order (motion None for the first).
     """
 
-    def __init__(self, *, strength: float = 0.5, flow: FlowEstimator | None = None, feather: float = 2.0):
+    def __init__(
+        self,
+        *,
+        strength: float = 0.5,
+        flow: FlowEstimator | None = None,
+        feather: float = 2.0,
+        max_residual: float = 40.0,
+    ):
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be between 0 and 1, got {strength}")
         if feather < 0:
             raise ValueError(f"feather must be >= 0, got {feather}")
+        if not max_residual > 0:
+            raise ValueError(f"max_residual must be positive, got {max_residual}")
         self.strength = float(strength)
         self.flow = flow or FlowEstimator()
         self.feather = feather
+        self.max_residual = float(max_residual)
         self.cuts = 0
         self._prev: np.ndarray | None = None  # float32 (H, W, 3): the last output
 
@@ -250,6 +272,8 @@ class TemporalStabilizer:
     def weights(self, motion: Motion) -> np.ndarray:
         """float32 ``(H, W, 1)`` blending weights of the warped previous output."""
         m = motion.reliable.astype(np.float32)
+        if motion.residual is not None:
+            m *= np.clip(1.0 - motion.residual / self.max_residual, 0.0, 1.0)
         if self.feather > 0:
             m *= cv2.GaussianBlur(m, (0, 0), self.feather)  # zero where unreliable, ramps up inside
         return (self.strength * m)[..., None]

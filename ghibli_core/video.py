@@ -49,7 +49,9 @@ __all__ = [
     "VideoLimits",
     "VideoResult",
     "VideoWriter",
+    "as_frame_model",
     "check_limits",
+    "expected_frames",
     "ffmpeg_exe",
     "output_size",
     "probe",
@@ -784,8 +786,15 @@ class VideoResult:
         return 1.0 - self.timings.get("model", 0.0) / total if total > 0 else float("nan")
 
 
-def _frame_model(model, size: tuple[int, int], *, device, precision: str, batch_size: int) -> FrameModel:
-    """A batch function ``(N, 3, H, W) -> (N, 3, H, W)`` in [-1, 1] for ``model``."""
+def as_frame_model(
+    model, size: tuple[int, int], *, device: str = "cpu", precision: str = "auto", batch_size: int = 4
+) -> FrameModel:
+    """A batch function ``(N, 3, H, W) -> (N, 3, H, W)`` in [-1, 1] for frames of ``size``.
+
+    ``model`` is a :class:`~ghibli_core.stylize.Stylizer` (used as it is), an image-to-image
+    ``nn.Module`` (wrapped in a Stylizer whose single tile covers the whole frame), or any
+    callable on such tensors (run under ``torch.inference_mode``).
+    """
     import torch
     from torch import nn
 
@@ -797,7 +806,9 @@ def _frame_model(model, size: tuple[int, int], *, device, precision: str, batch_
         stride = int(getattr(model, "stride", 1))
         # one tile covering the whole frame: tiling exists for huge photos, frames are not
         tile = max(16, -(-max(size) // stride) * stride)
-        return Stylizer(model, device=device, precision=precision, tile_size=tile, batch_size=batch_size).stylize_tensor
+        return Stylizer(
+            model, device=device, precision=precision, tile_size=tile, tile_overlap=0, batch_size=batch_size
+        ).stylize_tensor
     if callable(model):
         def run(x: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
@@ -946,7 +957,7 @@ def stylize_video(
     start, end = _segment(info, start, end)
     size = output_size(info, height)
     total = expected_frames(info, start, end)
-    run_model = _frame_model(model, size, device=device, precision=precision, batch_size=batch_size)
+    run_model = as_frame_model(model, size, device=device, precision=precision, batch_size=batch_size)
     stabilize = stabilizer.strength > 0
     out_size = (2 * size[0], size[1]) if side_by_side else size
 

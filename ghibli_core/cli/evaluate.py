@@ -1,10 +1,17 @@
-"""``python -m ghibli_core evaluate``: FID and KID of a photo -> Ghibli model, next to the raw photos.
+"""``python -m ghibli_core evaluate``: FID and KID of a photo -> Ghibli model, next to the raw photos;
+``evaluate video``: the temporal warping error of a stylized clip, with and without stabilization.
 
 Example, scoring on held-out films only::
 
     python -m ghibli_core evaluate --model weights/cyclegan_default \\
         --photos ../shared/data/photos --frames ../shared/data/ghibli_frames \\
         --films howls_moving_castle,kikis_delivery_service,ponyo --json runs/eval.json
+
+and a clip (the warping error of the input, of the frames stylized one by one, and stabilized;
+with ``--frames``, also the KID of both outputs against real Ghibli frames)::
+
+    python -m ghibli_core evaluate video clip.mp4 --model photo2ghibli --height 360 --stability 0.5 \\
+        --frames ../shared/data/ghibli_frames --films ponyo --json runs/video_eval.json
 """
 from __future__ import annotations
 
@@ -55,10 +62,22 @@ def find_images(
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model spec: a weights/ folder, a local folder or a Hub repo")
+    p.add_argument(
+        "task", nargs="?", choices=["video"], default=None,
+        help="'video' to measure a clip's temporal stability; omit for FID/KID of photos",
+    )
+    p.add_argument("clip", nargs="?", type=Path, default=None, metavar="CLIP", help="the video clip (with 'video')")
+    p.add_argument(
+        "--model", default=None,
+        help="model spec: a weights/ folder, a local folder or a Hub repo (required for photos; "
+        "for 'video' the default model when omitted)",
+    )
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub model")
-    p.add_argument("--photos", type=Path, required=True, help="folder of photos to translate (searched recursively)")
-    p.add_argument("--frames", type=Path, required=True, help="folder of real Ghibli frames (searched recursively)")
+    p.add_argument("--photos", type=Path, default=None, help="folder of photos to translate (searched recursively; required for photos)")
+    p.add_argument(
+        "--frames", type=Path, default=None,
+        help="folder of real Ghibli frames (searched recursively; required for photos, optional for 'video': adds KID)",
+    )
     p.add_argument(
         "--films",
         type=lambda s: [name for name in s.split(",") if name],
@@ -81,11 +100,18 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
         help="the model's precision (default auto: what the app and the stylize command use)",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 16; 4 video frames)")
     p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (capped at the smaller set)")
     p.add_argument("--seed", type=int, default=0, help="seed of the KID subsets (default 0)")
     p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the numbers to this JSON file")
+    from .video import parse_height, parse_time
+
+    video = p.add_argument_group("video (with 'evaluate video CLIP')")
+    video.add_argument("--height", type=parse_height, default=480, metavar="PX", help="processing resolution, the shorter side (default 480; 'original')")
+    video.add_argument("--stability", type=float, default=0.5, help="stabilization strength in [0, 1] (default 0.5)")
+    video.add_argument("--start", type=parse_time, default=0.0, metavar="T", help="start at T seconds (default 0)")
+    video.add_argument("--end", type=parse_time, default=None, metavar="T", help="stop at T seconds (default: the end)")
 
 
 def _load_cropped(paths: list[Path], size: int, desc: str):
@@ -112,6 +138,15 @@ def format_table(result: dict) -> str:
 
 @command("evaluate", "FID and KID of a photo->Ghibli model vs real frames, raw photos as baseline", _add_arguments)
 def run(args: argparse.Namespace) -> int:
+    if args.task == "video":
+        return run_video(args)
+    missing = [flag for flag, value in (("--model", args.model), ("--photos", args.photos), ("--frames", args.frames)) if value is None]
+    if missing:
+        raise ValueError(f"the following arguments are required: {', '.join(missing)} (or use 'evaluate video CLIP')")
+    if args.clip is not None:
+        raise ValueError(f"unexpected argument {args.clip}; to evaluate a clip use 'evaluate video CLIP'")
+    if args.batch_size is None:
+        args.batch_size = 16
     from ..hub import load
     from ..metrics import InceptionFeatures, evaluate_translation
     from ..stylize import Stylizer
@@ -160,6 +195,116 @@ def run(args: argparse.Namespace) -> int:
             "films": args.films,
             "include": args.include,
             "exclude": args.exclude,
+            "seconds": round(elapsed, 1),
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+# -- evaluate video ---------------------------------------------------------------------------
+def format_video_table(result: dict) -> str:
+    """The warping errors (and KIDs when measured) as a small text table."""
+    lines = ["warping error (Lai et al. 2018: RGB in [0, 1], non-occluded pixels; lower is steadier)"]
+    for row in ("input", "stylized", "stabilized"):
+        note = f"   ({-100 * result['reduction']:+.1f}% vs stylized)" if row == "stabilized" else ""
+        lines.append(f"  {row:<11}{result[row]:>10.5f}{note}")
+    lines.append(
+        f"{result['frames']} frames ({result['pairs']} pairs, {result['cuts']} at scene cuts skipped) at "
+        f"{result['width']}x{result['height']}, stability {result['stability']:g}"
+    )
+    if "kid" in result:
+        k = result["kid"]
+        lines.append(
+            f"KID x1000 vs {k['frames']} Ghibli frames ({k['samples']} output frames each): stylized "
+            f"{k['stylized_x1000']:.2f} ± {k['stylized_std_x1000']:.2f}, stabilized {k['stabilized_x1000']:.2f} ± "
+            f"{k['stabilized_std_x1000']:.2f} ({100 * k['change']:+.1f}%)"
+        )
+    return "\n".join(lines)
+
+
+def run_video(args: argparse.Namespace) -> int:
+    """``evaluate video CLIP``: warping errors of the input, the stylized and the stabilized frames."""
+    import numpy as np
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from ..hub import DEFAULT_MODEL, load
+    from ..imaging import center_crop_resize
+    from ..temporal import evaluate_stability
+    from ..video import FrameReader, as_frame_model, expected_frames, output_size, probe
+
+    if args.clip is None:
+        raise ValueError("evaluate video needs the clip: evaluate video CLIP [--model SPEC]")
+    if args.photos is not None:
+        raise ValueError("--photos is for the photo evaluation; 'evaluate video' measures a clip")
+    if not 0.0 <= args.stability <= 1.0:
+        raise ValueError(f"--stability must be between 0 and 1, got {args.stability}")
+    batch_size = 4 if args.batch_size is None else args.batch_size
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    # 1. the clip and the reference frames are checked before the model loads
+    info = probe(args.clip)
+    total = expected_frames(info, args.start, args.end)
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
+    frame_paths = None
+    if args.frames is not None:
+        frame_paths = find_images(
+            args.frames, films=args.films, include=args.include, exclude=args.exclude, max_images=args.max_images
+        )
+    size = output_size(info, args.height)
+    model = load(args.model or DEFAULT_MODEL, revision=args.revision, map_location="cpu")
+    run_model = as_frame_model(model, size, device=args.device, precision=args.precision, batch_size=batch_size)
+
+    # 2. one pass: flow on the input, stylize, stabilize, measure; keep crops for KID
+    every = max(1, -(-total // 300))  # at most ~300 samples of each output for KID
+    samples: dict[str, list] = {"stylized": [], "stabilized": []}
+
+    def keep(index: int, stylized, stabilized) -> None:
+        if frame_paths is not None and index % every == 0:
+            samples["stylized"].append(center_crop_resize(Image.fromarray(stylized), args.size))
+            samples["stabilized"].append(center_crop_resize(Image.fromarray(stabilized), args.size))
+
+    start = time.perf_counter()
+    with FrameReader(info, size=size, start=args.start, end=args.end) as reader, \
+            tqdm(total=total, desc="evaluate video", unit="frame") as bar:
+        result = evaluate_stability(
+            reader, run_model, strength=args.stability, batch_size=batch_size, on_output=keep,
+            progress=lambda n: bar.update(n - bar.n),
+        )
+    result.update(width=size[0], height=size[1], stability=args.stability)
+
+    # 3. optional: KID of both outputs against real Ghibli frames (does stabilizing cost style?)
+    if frame_paths is not None:
+        from ..metrics import InceptionFeatures, kid
+
+        features = InceptionFeatures(device=args.device, batch_size=16)
+        real = features(_load_cropped(frame_paths, args.size, "load frames"), progress=True, desc="frames")
+        kid_result = {"frames": len(frame_paths), "samples": len(samples["stylized"])}
+        for key in ("stylized", "stabilized"):
+            feats = features(samples[key], progress=True, desc=key)
+            mean, std = kid(
+                feats, real, subsets=args.kid_subsets, subset_size=args.kid_subset_size,
+                generator=np.random.default_rng(args.seed),
+            )
+            kid_result[f"{key}_x1000"], kid_result[f"{key}_std_x1000"] = 1000 * mean, 1000 * std
+        base = kid_result["stylized_x1000"]
+        kid_result["change"] = (kid_result["stabilized_x1000"] - base) / abs(base) if base else 0.0
+        result["kid"] = kid_result
+    elapsed = time.perf_counter() - start
+    print(format_video_table(result))
+    spec = f"{args.model or DEFAULT_MODEL}" + (f"@{args.revision}" if args.revision else "")
+    print(f"{args.clip.name}: {info.describe()}; model {spec}; {elapsed:.0f} s on {args.device}")
+    if args.json is not None:
+        record = {
+            **result,
+            "clip": str(args.clip),
+            "model_spec": args.model or DEFAULT_MODEL,
+            "revision": args.revision,
+            "start": args.start,
+            "end": args.end,
             "seconds": round(elapsed, 1),
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,241 @@
+"""Optical flow, temporal stabilization and the warping error (ghibli_core.temporal), and the
+`evaluate video` command, on synthetic frames and clips made here."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from ghibli_core.temporal import (
+    FlowEstimator,
+    Motion,
+    TemporalStabilizer,
+    WarpingError,
+    evaluate_stability,
+    warp,
+    warping_error,
+)
+from ghibli_core.video import FrameReader, probe, stylize_video
+
+from test_video import ffmpeg, make_clip  # noqa: E402 - the clip helpers
+
+
+def texture(h=96, w=128, seed=0) -> np.ndarray:
+    """A smooth random RGB texture (flow needs structure at several scales)."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return cv2.GaussianBlur(img, (0, 0), 2.0)
+
+
+def shifted(img: np.ndarray, dx: int, dy: int = 0) -> np.ndarray:
+    """``img`` moved right by dx and down by dy (what a panning camera sees), edges replicated."""
+    m = np.float32([[1, 0, dx], [0, 1, dy]])
+    return cv2.warpAffine(img, m, (img.shape[1], img.shape[0]), borderMode=cv2.BORDER_REPLICATE)
+
+
+def panning(n=12, step=2, h=96, w=128) -> list[np.ndarray]:
+    base = texture(h, w + n * step)
+    return [np.ascontiguousarray(base[:, (n - i) * step:(n - i) * step + w]) for i in range(n)]
+
+
+def flickery(seed=0):
+    """A "stylizer" whose output flickers: a random gain, colour offset and noise per frame."""
+    g = torch.Generator().manual_seed(seed)
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        gain = 1 + 0.15 * torch.randn(n, 1, 1, 1, generator=g)
+        offset = 0.1 * torch.randn(n, 3, 1, 1, generator=g)
+        return (x * gain + offset + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+    return model
+
+
+# -- flow ---------------------------------------------------------------------------------------
+def test_warp_moves_pixels_by_the_flow():
+    img = texture()
+    flow = np.zeros(img.shape[:2] + (2,), np.float32)
+    flow[..., 0] = -3  # every pixel comes from 3 px to its left
+    out = warp(img, flow)
+    np.testing.assert_array_equal(out[:, 3:], img[:, :-3])
+
+
+def test_flow_finds_a_translation_and_flags_pixels_entering_the_frame():
+    a = texture()
+    b = shifted(a, 4)  # content moves right by 4: pixel x of b was at x - 4 in a
+    motion = FlowEstimator()(a, b)
+    assert not motion.cut
+    inner = motion.flow[10:-10, 10:-10]
+    assert np.median(inner[..., 0]) == pytest.approx(-4, abs=0.3)
+    assert np.median(inner[..., 1]) == pytest.approx(0, abs=0.3)
+    assert motion.reliable[:, 20:-20].mean() > 0.9
+    # the strip that entered on the left has no source in the previous frame
+    assert motion.reliable[:, :2].mean() < 0.5
+
+
+def test_flow_is_computed_downscaled_for_big_frames():
+    a = texture(240, 320)
+    b = shifted(a, 6, 2)
+    motion = FlowEstimator(max_side=160)(a, b)
+    assert motion.flow.shape == (240, 320, 2) and motion.reliable.shape == (240, 320)
+    inner = motion.flow[40:-40, 40:-40]
+    assert np.median(inner[..., 0]) == pytest.approx(-6, abs=0.6)
+    assert np.median(inner[..., 1]) == pytest.approx(-2, abs=0.6)
+
+
+def test_occlusion_behind_a_moving_object_is_unreliable():
+    bg = texture(96, 128, seed=1)
+    square = texture(40, 40, seed=2)
+    a, b = bg.copy(), bg.copy()
+    a[30:70, 30:70] = square
+    b[30:70, 36:76] = square  # the square moves 6 px right over a still background
+    motion = FlowEstimator()(a, b)
+    assert not motion.cut
+    assert np.median(motion.flow[35:65, 40:65, 0]) < -3  # the square is tracked
+    # where the background reappears (x 30..36) nothing in a matches
+    assert motion.reliable[32:68, 30:36].mean() < 0.3
+    assert motion.reliable[35:65, 40:65].mean() > 0.8 and motion.reliable[:, 100:].mean() > 0.9
+
+
+def test_residual_stops_blending_where_the_input_changed():
+    a = texture()
+    b = a.copy()
+    b[20:50, 20:60] = np.clip(b[20:50, 20:60].astype(int) + 100, 0, 255)  # a patch lights up in place
+    stab = TemporalStabilizer(strength=1.0, feather=0)
+    motion = stab.analyze(a, b)
+    weights = stab.weights(motion)[..., 0]
+    assert motion.residual[25:45, 25:55].mean() > 60
+    assert weights[25:45, 25:55].mean() < 0.2 and weights[70:, 80:].mean() > 0.9
+
+
+def test_scene_cuts_are_detected():
+    estimator = FlowEstimator()
+    a = texture(seed=0)
+    dark = (texture(seed=5) * 0.3).astype(np.uint8)
+    assert estimator(a, dark).cut  # different histograms
+    rng = np.random.default_rng(3)
+    other = rng.permutation(a.reshape(-1, 3)).reshape(a.shape)  # same histogram, no correspondence
+    assert estimator(a, other).cut
+    assert not estimator(a, shifted(a, 2)).cut
+
+
+def test_bad_frames_are_refused():
+    estimator = FlowEstimator()
+    with pytest.raises(ValueError, match="uint8"):
+        estimator(np.zeros((8, 8, 3), np.float32), np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="differ in size"):
+        estimator(np.zeros((16, 16, 3), np.uint8), np.zeros((16, 20, 3), np.uint8))
+    with pytest.raises(ValueError, match="preset"):
+        FlowEstimator(preset="instant")
+    with pytest.raises(ValueError, match="strength"):
+        TemporalStabilizer(strength=1.5)
+
+
+# -- stabilizer ---------------------------------------------------------------------------------
+def test_stabilizer_blends_the_warped_previous_output():
+    frames = panning(2)
+    stab = TemporalStabilizer(strength=0.5)
+    first = np.full_like(frames[0], 100)
+    assert stab(first, None) is first  # the first frame passes through
+    motion = stab.analyze(frames[0], frames[1])
+    out = stab(np.full_like(frames[1], 200), motion)
+    inner = out[10:-10, 20:-20]
+    assert np.abs(inner.astype(int) - 150).max() <= 2  # half of each where the flow is reliable
+    assert (out[:, :1] == 200).all()  # the new strip on the left comes from the new frame only
+
+
+def test_strength_zero_and_cuts_pass_frames_through():
+    frames = panning(3)
+    off = TemporalStabilizer(strength=0.0)
+    styled = [np.full_like(f, v) for f, v in zip(frames, (10, 120, 240))]
+    assert off(styled[0], None) is styled[0]
+    assert off(styled[1], off.analyze(frames[0], frames[1])) is styled[1]
+    on = TemporalStabilizer(strength=0.9)
+    on(styled[0], None)
+    out = on(styled[1], Motion(None, None, cut=True))
+    assert out is styled[1] and on.cuts == 1
+    on.reset()
+    assert on(styled[2], on.analyze(frames[1], frames[2])) is styled[2]  # nothing to blend after a reset
+
+
+def test_stabilization_lowers_the_warping_error_of_a_flickery_stylizer():
+    frames = panning(16)
+    result = evaluate_stability(frames, flickery(), strength=0.6)
+    assert result["frames"] == 16 and result["pairs"] == 15 and result["cuts"] == 0
+    assert result["input"] < 0.002  # a clean pan: the flow explains the input
+    assert result["stylized"] > 10 * result["input"]  # the flicker
+    assert result["stabilized"] < 0.6 * result["stylized"]  # at least 40% less
+    assert result["reduction"] == pytest.approx(1 - result["stabilized"] / result["stylized"])
+
+
+def test_stronger_stabilization_removes_more_flicker():
+    frames = panning(12)
+    errors = [evaluate_stability(frames, flickery(seed=1), strength=s)["stabilized"] for s in (0.0, 0.3, 0.6, 0.9)]
+    assert errors == sorted(errors, reverse=True)
+
+
+# -- the metric ---------------------------------------------------------------------------------
+def test_warping_error_is_zero_for_perfect_motion_and_sees_flicker():
+    frames = panning(6)
+    assert warping_error(frames, frames) < 1e-3
+    brighter = [np.clip(f.astype(int) + (40 if i % 2 else 0), 0, 255).astype(np.uint8) for i, f in enumerate(frames)]
+    err = warping_error(frames, brighter)
+    assert err == pytest.approx(3 * (40 / 255) ** 2, rel=0.2)  # (40/255)^2 per channel, 3 channels
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        warping_error(frames[:1], frames[:1])
+
+
+def test_warping_error_skips_cuts():
+    meter = WarpingError()
+    f = texture()
+    meter.update(f, f, Motion(None, None, cut=True))
+    assert meter.pairs == 0 and meter.skipped == 1 and np.isnan(meter.value)
+
+
+# -- in the video pipeline ----------------------------------------------------------------------
+def test_pipeline_stabilization_lowers_the_output_warping_error(tmp_path):
+    src = make_clip(tmp_path / "pan.mp4", size=(128, 96), rate=25, seconds=1.2)
+    errors = {}
+    for strength in (0.0, 0.6):
+        out = stylize_video(src, tmp_path / f"s{strength}.mp4", flickery(seed=2), height=None, stability=strength).path
+        inputs, outputs = FrameReader(probe(src)), FrameReader(probe(out))
+        errors[strength] = warping_error(list(inputs), list(outputs))
+    assert errors[0.6] < 0.6 * errors[0.0], errors
+
+
+def test_pipeline_resets_at_a_scene_cut(tmp_path):
+    a = make_clip(tmp_path / "a.mp4", size=(96, 64), rate=10, seconds=1)
+    b = make_clip(tmp_path / "b.mp4", size=(96, 64), rate=10, seconds=1, pattern="smptebars")
+    (tmp_path / "list.txt").write_text(f"file '{a}'\nfile '{b}'\n")
+    ffmpeg("-f", "concat", "-safe", "0", "-i", str(tmp_path / "list.txt"), "-c", "copy", str(tmp_path / "cut.mp4"))
+    result = stylize_video(tmp_path / "cut.mp4", tmp_path / "out.mp4", lambda x: x, height=None, stability=0.8)
+    assert result.frames == 20 and result.scene_cuts == 1
+
+
+# -- evaluate video ------------------------------------------------------------------------------
+def test_evaluate_video_command(tmp_path, capsys):
+    from ghibli_core.cli import build_parser, main
+    from ghibli_core.models import ResnetGenerator
+
+    torch.manual_seed(0)
+    ResnetGenerator(width=4, n_blocks=1).save_pretrained(tmp_path / "model")
+    clip = make_clip(tmp_path / "clip.mp4", size=(96, 64), rate=10, seconds=1)
+    out = tmp_path / "eval" / "video.json"
+    code = main(["evaluate", "video", str(clip), "--model", str(tmp_path / "model"), "--height", "original",
+                 "--stability", "0.5", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "warping error" in printed and "stabilized" in printed
+    record = json.loads(out.read_text())
+    assert record["frames"] == 10 and record["pairs"] + record["cuts"] == 9
+    assert record["stabilized"] < record["stylized"] and record["input"] >= 0
+    # the photo form still parses as before
+    args = build_parser().parse_args(["evaluate", "--model", "m", "--photos", "p", "--frames", "f"])
+    assert args.task is None and args.photos == Path("p")
+    assert main(["evaluate", "--photos", "p"]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["evaluate", "video"]) == 2
