@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +31,7 @@ from PIL import Image
 from ghibli_core import hub
 from ghibli_core.imaging import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from ghibli_core.stylize import Stylizer
+from ghibli_core.video import RESOLUTIONS, VideoError, VideoLimits, check_limits, probe, stylize_video
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES_DIR = ROOT / "examples"
@@ -40,6 +41,9 @@ DEFAULT_PORT = 7860
 # load_image then guards against small files that decode into huge images.
 MAX_FILE_SIZE = "50mb"
 HEAVY = "heavy"  # concurrency_id shared by every event that runs a network
+# Video caps for a free CPU Space (2 vCPU): 30 s and 900 frames at most per job (trim longer
+# clips), input frames up to 4K (decoding cost); checked before anything is decoded.
+VIDEO_LIMITS = VideoLimits(max_seconds=30.0, max_pixels=3840 * 2160, max_frames=900)
 
 _REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _FRONT_MATTER_RE = re.compile(r"\A---\s*\n.*?\n---\s*\n", re.DOTALL)
@@ -200,6 +204,7 @@ class AppContext:
     max_pixels: int = DEFAULT_MAX_PIXELS
     examples_dir: Path = EXAMPLES_DIR
     heavy_concurrency: int = 1
+    video_limits: VideoLimits = field(default_factory=lambda: VIDEO_LIMITS)
 
     @property
     def heavy(self) -> dict[str, Any]:
@@ -342,7 +347,125 @@ def photo_tab(ctx: AppContext) -> None:
         model.change(show_card, inputs=[model], outputs=[card], api_name="model_card")
 
 
-TABS: list[Callable[[AppContext], None]] = [photo_tab]
+# -- tab: Video stylize ---------------------------------------------------------------------------
+def _video_payload(payload: Any) -> Any:
+    """The uploaded file of a ``gr.Video`` payload: FileData, or ``{"video": FileData, ...}`` as
+    older Gradio versions send it."""
+    if isinstance(payload, dict) and isinstance(payload.get("video"), dict):
+        return payload["video"]
+    return payload
+
+
+def _eta(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def video_tab(ctx: AppContext) -> None:
+    """Tab "Video stylize": a clip in, an MP4 out with the clip's sound, frame rate and duration."""
+
+    def run(video, model, hub_repo, revision, resolution, stability, start, end, side_by_side, progress=gr.Progress()):
+        # preprocess=False, as in the photo tab: Gradio's own video preprocessing would call a
+        # system ffmpeg; the upload is probed by the library instead
+        try:
+            path, name = _uploaded_path(_video_payload(video), "a video")
+            if resolution not in RESOLUTIONS:
+                raise UserError(f"resolution must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
+            stability = _number(stability, "stability", lo=0.0, hi=1.0)
+            start = 0.0 if start in (None, "") else _number(start, "start", lo=0.0, hi=1e7)
+            end = None if end in (None, "", 0) else _number(end, "end", lo=0.0, hi=1e7)
+            side_by_side = bool(side_by_side)
+            spec = ctx.models.spec(model, hub_repo, revision)
+        except (ValueError, hub.HubError) as exc:
+            raise user_error(exc) from None
+        names = {path: name, Path(path).name: name}
+        try:
+            info = probe(path)
+            check_limits(info, ctx.video_limits, start=start, end=end)
+        except (VideoError, ValueError, FileNotFoundError) as exc:
+            raise user_error(exc, replace=names) from None
+        try:
+            network, notice = hub.load_with_fallback(
+                spec, weights_dir=ctx.models.weights_dir, default=ctx.models.default_model, map_location="cpu"
+            )
+        except (ValueError, hub.HubError) as exc:
+            raise user_error(exc) from None
+        if notice:
+            gr.Warning(html.escape(notice, quote=False))
+
+        began = time.perf_counter()
+
+        def report(done: int, total: int) -> None:
+            left = (time.perf_counter() - began) / done * (total - done) if done else 0.0
+            progress((done, total), desc=f"{done}/{total} frames, about {_eta(left)} left", unit="frames")
+
+        progress((0, 1), desc="starting", unit="frames")
+        out = ctx.outputs.path_for(f"{_safe_stem(name, 'video')}_ghibli.mp4")
+        try:
+            result = stylize_video(
+                info, out, network,
+                height=RESOLUTIONS[resolution], stability=stability, start=start, end=end,
+                side_by_side=side_by_side, device=ctx.models.device, precision=ctx.models.precision,
+                limits=ctx.video_limits, progress=report,
+            )
+        except VideoError as exc:  # e.g. the video data turns out to be corrupt while decoding
+            raise user_error(exc, replace=names) from None
+        w, h = result.size
+        details = (
+            f"{result.frames} frames, {w}x{h}, {float(result.fps):.3g} fps, {result.duration:.2f} s, "
+            f"{'original audio' if result.has_audio else 'no audio track'}; "
+            f"took {_eta(result.timings.get('total', 0.0))}"
+        )
+        return str(out), str(out), f"⚠️ {html.escape(notice, quote=False)}" if notice else "", details
+
+    with gr.Tab("Video stylize", id="video"):
+        with gr.Row():
+            with gr.Column():
+                video = gr.Video(label="Clip", sources=["upload"])
+                with gr.Group():
+                    model = gr.Dropdown(
+                        choices=ctx.models.embedded(),
+                        value=ctx.models.initial_choice(),
+                        label="Model",
+                        info="an embedded model; a Hub repo typed below takes precedence",
+                    )
+                    with gr.Row():
+                        hub_repo = gr.Textbox("", label="Hub repo owner/name", placeholder="owner/name", scale=3)
+                        revision = gr.Textbox("", label="Revision (optional)", placeholder="main, a tag or a commit", scale=2)
+                resolution = gr.Radio(
+                    list(RESOLUTIONS), value="360p", label="Processing resolution",
+                    info="the shorter side; lower is much faster (never upscaled)",
+                )
+                stability = gr.Slider(
+                    0.0, 1.0, value=0.5, step=0.05, label="Temporal stability",
+                    info="0 = every frame on its own (flicker), 1 = strongest smoothing along the motion",
+                )
+                with gr.Row():
+                    start = gr.Number(0, label="Start (s)", minimum=0)
+                    end = gr.Number(None, label="End (s)", minimum=0, info="empty = to the end")
+                side_by_side = gr.Checkbox(False, label="Side by side (original | stylized)")
+                limits = ctx.video_limits
+                gr.Markdown(
+                    f"Up to {limits.max_seconds:g} s ({limits.max_frames} frames) per run: trim longer clips."
+                )
+                button = gr.Button("Run", variant="primary")
+            with gr.Column():
+                result = gr.Video(label="Ghibli style", interactive=False)
+                download = gr.DownloadButton("Download MP4")
+                notice = gr.Markdown(label="Notice")
+                details = gr.Markdown(label="Details")
+
+        button.click(
+            run,
+            inputs=[video, model, hub_repo, revision, resolution, stability, start, end, side_by_side],
+            outputs=[result, download, notice, details],
+            api_name="video_stylize",
+            preprocess=False,
+            **ctx.heavy,
+        )
+
+
+TABS: list[Callable[[AppContext], None]] = [photo_tab, video_tab]
 
 
 # -- assembly -----------------------------------------------------------------------------------
@@ -362,6 +485,7 @@ def build_app(
     heavy_concurrency: int = 1,
     queue_size: int = 16,
     examples_dir: str | Path = EXAMPLES_DIR,
+    video_limits: VideoLimits | None = None,
 ) -> gr.Blocks:
     """Build the app (no model is loaded until a request needs it).
 
@@ -375,6 +499,7 @@ def build_app(
         heavy_concurrency: how many network jobs run at once, over all tabs and users.
         queue_size: requests waiting beyond this are turned away ("queue full").
         examples_dir: images offered as examples.
+        video_limits: caps of the video tab (default :data:`VIDEO_LIMITS`, for a free CPU Space).
     """
     if heavy_concurrency < 1:
         raise ValueError(f"heavy_concurrency must be at least 1, got {heavy_concurrency}")
@@ -392,10 +517,11 @@ def build_app(
         max_pixels=max_pixels,
         examples_dir=Path(examples_dir),
         heavy_concurrency=heavy_concurrency,
+        video_limits=video_limits or VIDEO_LIMITS,
     )
     # analytics off: the app promises to run with no network, and never calls home
     with gr.Blocks(title="Ghibli Studio", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-        gr.Markdown("# Ghibli Studio\nTurn photos into Studio-Ghibli-style images.")
+        gr.Markdown("# Ghibli Studio\nTurn photos and video clips into Studio-Ghibli-style images and films.")
         for tab in TABS:
             tab(ctx)
     demo.queue(max_size=queue_size, default_concurrency_limit=4)

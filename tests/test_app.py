@@ -14,6 +14,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 import app  # noqa: E402
 from ghibli_core.models import ResnetGenerator  # noqa: E402
+from ghibli_core.video import VideoLimits, probe  # noqa: E402
 
 # gradio's queue calls a pandas API that pandas 3 deprecates: not ours to fix, and noise here
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
@@ -43,7 +44,10 @@ def server(tmp_path_factory):
     torch.manual_seed(1)
     ResnetGenerator(width=4, n_blocks=1).save_pretrained(root / "weights" / "other")
     (root / "weights" / "other" / "README.md").unlink()  # the mixin writes a generic card
-    demo = app.build_app(weights_dir=root / "weights", default_model="tiny", device="cpu", max_pixels=100_000)
+    demo = app.build_app(
+        weights_dir=root / "weights", default_model="tiny", device="cpu", max_pixels=100_000,
+        video_limits=VideoLimits(max_seconds=3.0, max_pixels=100_000, max_frames=60),
+    )
     app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         client = Client(demo.local_url, verbose=False, download_files=str(root / "downloads"), analytics_enabled=False)
@@ -147,4 +151,81 @@ def test_server_files_cannot_be_named_instead_of_uploaded(server):
         call = httpx.post(f"{url}/gradio_api/call/stylize", json={"data": [payload, "tiny", "", "", 1.0, 1024]})
         call.raise_for_status()
         events = httpx.get(f"{url}/gradio_api/call/stylize/{call.json()['event_id']}", timeout=60).text
+        assert "event: error" in events and "server_side_ghibli" not in events
+
+
+# -- Video stylize ------------------------------------------------------------------------------
+def clip(path, **kwargs):
+    from test_video import make_clip
+
+    return make_clip(path, **kwargs)
+
+
+def video_input(path):
+    return handle_file(str(path))
+
+
+def test_video_stylize_keeps_sound_rate_and_duration(server):
+    client, root = server
+    src = clip(root / "holiday clip.mp4", size=(64, 48), rate=10, seconds=1.5, audio=True)
+    result, download, notice, details = client.predict(
+        video_input(src), "tiny", "", "", "original", 0.5, 0, None, False, api_name="/video_stylize"
+    )
+    video = result["video"] if isinstance(result, dict) else result
+    info = probe(video)
+    assert info.has_audio and info.fps == 10 and info.frame_count == 15 and (info.width, info.height) == (64, 48)
+    assert info.video_codec == "h264"
+    assert download.endswith("holiday_clip_ghibli.mp4") and probe(download).frame_count == 15
+    assert notice == "" and "15 frames" in details and "original audio" in details
+
+
+def test_video_stylize_trim_resolution_and_side_by_side(server):
+    client, root = server
+    src = clip(root / "wide.mp4", size=(96, 64), rate=10, seconds=2)
+    result, download, _, details = client.predict(
+        video_input(src), "other", "", "", "360p", 0.0, 0.5, 1.5, True, api_name="/video_stylize"
+    )
+    info = probe(download)
+    assert info.frame_count == 10 and (info.width, info.height) == (192, 64)  # never upscaled; doubled width
+    assert not info.has_audio and "no audio track" in details
+
+
+def test_video_stylize_bad_inputs_are_clean_errors(server):
+    client, root = server
+    text = root / "notes.mp4"
+    text.write_text("not a video at all")
+    with pytest.raises(AppError, match="notes.mp4 could not be opened as a video") as info:
+        client.predict(video_input(text), "tiny", "", "", "360p", 0.5, 0, None, False, api_name="/video_stylize")
+    assert "Traceback" not in str(info.value) and str(root) not in str(info.value)
+    song = root / "song.m4a"
+    from test_video import ffmpeg
+
+    ffmpeg("-f", "lavfi", "-i", "sine=duration=1", str(song))
+    with pytest.raises(AppError, match="song.m4a has no video stream"):
+        client.predict(video_input(song), "tiny", "", "", "360p", 0.5, 0, None, False, api_name="/video_stylize")
+    long = clip(root / "long.mp4", seconds=4)
+    with pytest.raises(AppError, match="limit of 3 s"):
+        client.predict(video_input(long), "tiny", "", "", "360p", 0.5, 0, None, False, api_name="/video_stylize")
+    # trimmed under the cap, it runs
+    _, download, _, _ = client.predict(video_input(long), "tiny", "", "", "360p", 0.5, 1, 3, False, api_name="/video_stylize")
+    assert probe(download).frame_count == 20
+    with pytest.raises(AppError, match="stability"):
+        client.predict(video_input(long), "tiny", "", "", "360p", 3.0, 0, None, False, api_name="/video_stylize")
+    with pytest.raises(AppError, match="resolution"):
+        client.predict(video_input(long), "tiny", "", "", "4k", 0.5, 0, None, False, api_name="/video_stylize")
+    with pytest.raises(AppError, match="past the end"):
+        client.predict(video_input(long), "tiny", "", "", "360p", 0.5, 9, None, False, api_name="/video_stylize")
+
+
+def test_video_server_files_cannot_be_named_instead_of_uploaded(server):
+    import httpx
+
+    client, root = server
+    secret = clip(root / "server_side.mp4", seconds=1)  # exists on the server, never uploaded
+    url = client.src.rstrip("/")
+    for payload in ({"path": str(secret), "meta": {"_type": "gradio.FileData"}}, str(secret)):
+        data = [payload, "tiny", "", "", "360p", 0.5, 0, None, False]
+        call = httpx.post(f"{url}/gradio_api/call/video_stylize", json={"data": data})
+        call.raise_for_status()
+        events = httpx.get(f"{url}/gradio_api/call/video_stylize/{call.json()['event_id']}", timeout=60).text
         assert "event: error" in events and "server_side_ghibli" not in events
