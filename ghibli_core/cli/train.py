@@ -12,14 +12,19 @@ def _add_cyclegan(p: argparse.ArgumentParser) -> None:
     from ..training.cyclegan import CycleGANConfig
 
     d = {f.name: f.default for f in dataclasses.fields(CycleGANConfig) if f.default is not dataclasses.MISSING}
-    p.add_argument("--domain-a", nargs="+", required=True, metavar="DIR", help="photos (domain A)")
-    p.add_argument("--domain-b", nargs="+", required=True, metavar="DIR", help="Ghibli frames (domain B)")
+    p.add_argument("--domain-a", nargs="+", required=True, metavar="DIR",
+                   help="photos (domain A): folders, or manifests made by `prepare` (DIR/manifest.jsonl)")
+    p.add_argument("--domain-b", nargs="+", required=True, metavar="DIR",
+                   help="Ghibli frames (domain B): folders, or manifests made by `prepare`")
     p.add_argument("--out", "-o", required=True, help="run folder: checkpoints, samples, log, exported generator")
     for dom in ("a", "b"):
         p.add_argument(f"--include-{dom}", nargs="*", default=[], metavar="GLOB",
                        help=f"keep only domain-{dom.upper()} images whose path relative to its folder matches")
         p.add_argument(f"--exclude-{dom}", nargs="*", default=[], metavar="GLOB",
                        help=f"drop domain-{dom.upper()} images matching (e.g. held-out films: 'ponyo/*')")
+        p.add_argument(f"--where-{dom}", nargs="*", default=[], metavar="EXPR",
+                       help=f"keep only domain-{dom.upper()} manifest records passing every expression "
+                            "('warmth>0.6', 'group=3', 'studio=ghibli', 'source!=ponyo*')")
     g = p.add_argument_group("networks")
     g.add_argument("--generator", choices=["resnet", "unet"], default=d["generator"])
     g.add_argument("--width", type=int, default=d["width"], help="generator filters (ngf)")
@@ -67,6 +72,7 @@ def _run_cyclegan(args: argparse.Namespace) -> int:
     cfg = CycleGANConfig(
         domain_a=args.domain_a, domain_b=args.domain_b, out=args.out,
         include_a=args.include_a, exclude_a=args.exclude_a, include_b=args.include_b, exclude_b=args.exclude_b,
+        where_a=args.where_a, where_b=args.where_b,
         generator=args.generator, width=args.width, n_blocks=args.n_blocks, n_downs=args.n_downs,
         upsample=args.upsample, disc_width=args.disc_width, disc_layers=args.disc_layers,
         load_size=args.load_size, crop_size=args.crop_size, batch_size=args.batch_size, preload=not args.no_preload,

@@ -19,16 +19,35 @@ from ..imaging import list_images, load_image, to_tensor
 
 
 def select_images(
-    roots: Sequence[str | Path], *, include: Sequence[str] = (), exclude: Sequence[str] = ()
+    roots: Sequence[str | Path],
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    where: Sequence[str] = (),
 ) -> list[Path]:
     """Images under ``roots`` whose path relative to its root matches the filters.
 
-    ``include``/``exclude`` are glob patterns (``howls_moving_castle/*``); a path is kept when it
-    matches any include pattern (or there are none) and no exclude pattern.
+    A root is a folder of images, or a manifest made by ``prepare`` (a ``.jsonl`` file, or a
+    folder holding ``manifest.jsonl``, whose records then are the images). ``include``/
+    ``exclude`` are glob patterns (``howls_moving_castle/*``); a path is kept when it matches
+    any include pattern (or there are none) and no exclude pattern; with a manifest they match
+    a record's ``file`` or ``source``. ``where`` holds manifest filters (``warmth>0.6``,
+    ``studio=ghibli``, see :func:`ghibli_core.data.manifest.parse_where`), all of which must hold.
     """
+    from .manifest import find_manifest, select_paths
+
     kept: list[Path] = []
     for root in roots:
         root = Path(root)
+        manifest = find_manifest(root)
+        if manifest is not None:
+            kept.extend(select_paths(manifest, where=where, include=include, exclude=exclude))
+            continue
+        if where:
+            raise ValueError(
+                f"{root}: --where filters need a manifest.jsonl, and there is none here; make one with "
+                f"`python -m ghibli_core prepare palette {root} --out DIR` and train on DIR"
+            )
         for path in list_images([root]):
             rel = path.relative_to(root).as_posix() if root.is_dir() else path.name
             if include and not any(fnmatch.fnmatch(rel, p) for p in include):
@@ -38,7 +57,8 @@ def select_images(
             kept.append(path)
     if not kept:
         raise ValueError(
-            f"no images left in {', '.join(map(str, roots))} after filters include={list(include)} exclude={list(exclude)}"
+            f"no images left in {', '.join(map(str, roots))} after filters include={list(include)} "
+            f"exclude={list(exclude)}" + (f" where={list(where)}" if where else "")
         )
     return kept
 

@@ -57,10 +57,11 @@ ARCH_FIELDS = ("generator", "width", "n_blocks", "n_downs", "upsample", "disc_wi
 class CycleGANConfig:
     """Everything a CycleGAN run needs; JSON-able and saved with the run.
 
-    Data: ``domain_a``/``domain_b`` are folders of images (photos, frames); ``include_*``/
-    ``exclude_*`` are glob patterns on paths relative to each folder (hold out whole films with
-    ``exclude_b=["ponyo/*"]``). Images are resized so the short side is ``load_size`` and
-    randomly cropped to ``crop_size``.
+    Data: ``domain_a``/``domain_b`` are folders of images (photos, frames) or manifests made by
+    ``prepare``; ``include_*``/``exclude_*`` are glob patterns on paths relative to each folder
+    (hold out whole films with ``exclude_b=["ponyo/*"]``); ``where_*`` filter manifest records
+    (``["warmth>0.6"]``). Images are resized so the short side is ``load_size`` and randomly
+    cropped to ``crop_size``.
     """
 
     domain_a: list[str]
@@ -70,6 +71,8 @@ class CycleGANConfig:
     exclude_a: list[str] = field(default_factory=list)
     include_b: list[str] = field(default_factory=list)
     exclude_b: list[str] = field(default_factory=list)
+    where_a: list[str] = field(default_factory=list)
+    where_b: list[str] = field(default_factory=list)
     # networks
     generator: str = "resnet"  # "resnet" | "unet"
     width: int = 64
@@ -200,8 +203,8 @@ def train_cyclegan(
             print(f"resumed from {found[-1][1]} at step {state.step}")
 
     # 2. Data: every sample index maps to fixed crops, so resuming continues the same stream.
-    paths_a = select_images(cfg.domain_a, include=cfg.include_a, exclude=cfg.exclude_a)
-    paths_b = select_images(cfg.domain_b, include=cfg.include_b, exclude=cfg.exclude_b)
+    paths_a = select_images(cfg.domain_a, include=cfg.include_a, exclude=cfg.exclude_a, where=cfg.where_a)
+    paths_b = select_images(cfg.domain_b, include=cfg.include_b, exclude=cfg.exclude_b, where=cfg.where_b)
     set_a = ImageSet(paths_a, load_size=cfg.load_size, preload=cfg.preload, progress=progress and main)
     set_b = ImageSet(paths_b, load_size=cfg.load_size, preload=cfg.preload, progress=progress and main)
     dataset = UnpairedCrops(set_a, set_b, crop_size=cfg.crop_size, seed=cfg.seed)
