@@ -760,8 +760,9 @@ FrameModel = Callable[["torch.Tensor"], "torch.Tensor"]  # noqa: F821 - (N, 3, H
 class VideoResult:
     """What :func:`stylize_video` did.
 
-    ``timings`` holds seconds per stage: ``model`` (the network, main thread), ``stabilize``
-    (warp and blend, main thread), ``encode`` (handing frames to ffmpeg), ``decode`` and
+    ``timings`` holds seconds per stage: ``model`` (the network, main thread), ``convert``
+    (uint8 frames to tensors and back), ``stabilize`` (warp and blend, main thread), ``encode``
+    (handing frames to ffmpeg, and finishing the file), ``decode`` and
     ``flow`` (in the reader thread, overlapping the model), ``wait`` (the main thread waiting for
     decoded frames), ``total`` (wall time of the whole job).
     """
@@ -781,7 +782,8 @@ class VideoResult:
 
     @property
     def overhead_share(self) -> float:
-        """Share of the wall time not spent in the model (decode, flow, stabilize, encode, waits)."""
+        """Share of the wall time not spent in the model (decode, flow, conversions, stabilize,
+        encode, waits)."""
         total = self.timings.get("total", 0.0)
         return 1.0 - self.timings.get("model", 0.0) / total if total > 0 else float("nan")
 
@@ -990,13 +992,15 @@ def stylize_video(
                 break
             t0 = time.perf_counter()
             x = to_tensor(np.stack(batch))  # (N, 3, H, W) in [-1, 1]
+            t1 = time.perf_counter()
             y = run_model(x)
+            t2 = time.perf_counter()
             if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape):
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ValueError(f"the model returned {got} for a batch of shape {tuple(x.shape)}")
             styled = to_uint8(y)  # (N, H, W, 3) uint8
-            t1 = time.perf_counter()
-            timings["model"] += t1 - t0
+            timings["model"] += t2 - t1
+            timings["convert"] += (t1 - t0) + (time.perf_counter() - t2)
             for frame, out, motion in zip(batch, styled, motions):
                 t0 = time.perf_counter()
                 if stabilize:

@@ -1,0 +1,224 @@
+"""Video stylization end to end: the streaming pipeline against the seeds' way, in one run.
+
+    python benchmarks/bench_video.py                        # default model, 10 s at 480p, + memory
+    python benchmarks/bench_video.py --model photo2ghibli --seconds 4 --skip-memory
+    python benchmarks/bench_video.py --memory-only          # peak RSS, 10 s vs 60 s clips
+
+The clip: ../shared/data/video/example.mp4 (real footage, 25 fps) looped, scaled and cropped to
+854x480, with a 440 Hz sine track muxed in (so the audio path is measured too); a synthetic
+moving pattern when ../shared is missing. Clips and frames live in a temporary folder.
+
+1. Ours: :func:`ghibli_core.video.stylize_video` at 480p, stability 0.5. Prints frames per
+   second, seconds per stage, and the share of wall time spent outside the model (decode,
+   flow and stabilization, conversions, encode, waits). Bars: >= 8 fps with the default video
+   model; decode + stabilize + encode <= 30% of the wall time.
+2. The seeds' way on the same clip and model: ffmpeg to JPEG files, every frame stylized on its
+   own in eager float32 (JPEG in, JPEG out), ffmpeg from the JPEG files plus the audio. Prints
+   its time and the ratio (bar: ours >= 4x faster).
+3. Memory: one child process per clip length (10 s and 60 s) runs the pipeline and reports
+   its peak RSS and that of its largest ffmpeg child. Bar: 60 s within 20% of 10 s. The model
+   there is a tiny random network by default (the pipeline's memory is what is measured; the
+   CycleGAN default would take an hour for 60 s on this CPU); ``--memory-model default`` uses
+   the real one.
+
+The machine is shared (a training run may hold the cores): the load average is printed with
+each measurement. Absolute times drift with it; the ratios measured in one run hold better.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED_CLIP = ROOT.parent / "shared" / "data" / "video" / "example.mp4"
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (5 min {five:.1f}) on {os.cpu_count()} cores"
+
+
+def ffmpeg(*args: str) -> None:
+    from ghibli_core.video import ffmpeg_exe
+
+    subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y", *args], check=True)
+
+
+def make_clip(path: Path, seconds: float) -> Path:
+    """An 854x480 25 fps H.264 clip of ``seconds`` with a sine-wave AAC track."""
+    if SHARED_CLIP.is_file():
+        video = ["-stream_loop", "-1", "-i", str(SHARED_CLIP)]
+        vf = ["-vf", "scale=854:-2,crop=854:480,setsar=1"]
+    else:
+        video = ["-f", "lavfi", "-i", "testsrc2=size=854x480:rate=25"]
+        vf = []
+    ffmpeg(
+        *video, "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100",
+        "-map", "0:v", "-map", "1:a", "-t", f"{seconds}", *vf, "-r", "25",
+        "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p", "-c:a", "aac", str(path),
+    )
+    return path
+
+
+def load_model(spec: str):
+    import torch
+
+    from ghibli_core import hub
+    from ghibli_core.models import ResnetGenerator
+
+    if spec == "tiny":
+        torch.manual_seed(0)
+        return ResnetGenerator(width=8, n_blocks=2).eval()
+    return hub.load(hub.DEFAULT_MODEL if spec == "default" else spec, map_location="cpu")
+
+
+def run_ours(clip: Path, out: Path, model, args) -> dict:
+    from ghibli_core.video import stylize_video
+
+    result = stylize_video(clip, out, model, height=args.height, stability=args.stability, batch_size=args.batch_size)
+    t = result.timings
+    return {"frames": result.frames, "seconds": t["total"], "timings": t, "overhead": result.overhead_share}
+
+
+def run_seeds_way(clip: Path, work: Path, out: Path, model, args) -> dict:
+    """ffmpeg -> JPEG files -> per-frame fp32 eager stylization -> JPEG files -> ffmpeg."""
+    from PIL import Image
+
+    from ghibli_core.stylize import Stylizer
+    from ghibli_core.video import output_size, probe
+
+    info = probe(clip)
+    w, h = output_size(info, args.height)
+    frames_in, frames_out = work / "frames_in", work / "frames_out"
+    frames_in.mkdir()
+    frames_out.mkdir()
+    times = {}
+    start = time.perf_counter()
+    ffmpeg("-i", str(clip), "-vf", f"scale={w}:{h}", "-qscale:v", "2", str(frames_in / "%06d.jpg"))
+    times["extract"] = time.perf_counter() - start
+    # eager float32, no layer rewrites, one frame at a time (padding to the stride as ours does)
+    engine = Stylizer(model, precision="fp32", fuse=False, channels_last=False, tile_size=max(w, h), tile_overlap=0, batch_size=1)
+    t0 = time.perf_counter()
+    paths = sorted(frames_in.glob("*.jpg"))
+    for path in paths:
+        with Image.open(path) as im:
+            frame = im.convert("RGB")
+        engine(frame).save(frames_out / path.name, quality=95)
+    times["stylize"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fps = info.fps
+    ffmpeg(
+        "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", str(frames_out / "%06d.jpg"), "-i", str(clip),
+        "-map", "0:v", "-map", "1:a?", "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p",
+        "-c:a", "aac", "-shortest", str(out),
+    )
+    times["encode"] = time.perf_counter() - t0
+    times["total"] = time.perf_counter() - start
+    return {"frames": len(paths), "seconds": times["total"], "timings": times}
+
+
+def memory_child(args) -> int:
+    """Run the pipeline once and print peak RSS (this process, and its largest child) as JSON."""
+    model = load_model(args.memory_model)
+    clip = Path(args.memory_child)
+    out = clip.with_name(clip.stem + "_out.mp4")
+    ours = run_ours(clip, out, model, args)
+    print(json.dumps({
+        "frames": ours["frames"],
+        "seconds": ours["seconds"],
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "children_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }))
+    return 0
+
+
+def measure_memory(work: Path, args) -> None:
+    print(f"\n== memory: peak RSS by clip length ({args.memory_model} model, {args.height}p, stability {args.stability})")
+    rows = {}
+    for seconds in (10, 60):
+        clip = make_clip(work / f"mem_{seconds}s.mp4", seconds)
+        cmd = [sys.executable, __file__, "--memory-child", str(clip), "--memory-model", args.memory_model,
+               "--height", str(args.height), "--stability", str(args.stability), "--batch-size", str(args.batch_size)]
+        before = load()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows[seconds] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = rows[seconds]
+        print(
+            f"{seconds:>3} s clip: {r['frames']} frames in {r['seconds']:.0f} s; peak RSS {r['rss_mb']:.0f} MB "
+            f"(largest ffmpeg child {r['children_rss_mb']:.0f} MB); {before}"
+        )
+        (work / f"mem_{seconds}s.mp4").unlink()
+        (work / f"mem_{seconds}s_out.mp4").unlink(missing_ok=True)
+    ratio = rows[60]["rss_mb"] / rows[10]["rss_mb"]
+    print(f"60 s / 10 s peak RSS: {ratio:.3f} (bar: <= 1.20) -> {'met' if ratio <= 1.2 else 'NOT met'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="model spec, 'default' (hub.DEFAULT_MODEL) or 'tiny' (random, small)")
+    p.add_argument("--seconds", type=float, default=10.0, help="clip length for the speed comparison (default 10)")
+    p.add_argument("--height", type=int, default=480, help="processing resolution, the shorter side (default 480)")
+    p.add_argument("--stability", type=float, default=0.5, help="stabilization strength (default 0.5)")
+    p.add_argument("--batch-size", type=int, default=4, help="frames per model call (default 4)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--skip-baseline", action="store_true", help="do not run the seeds' way")
+    p.add_argument("--skip-memory", action="store_true", help="do not measure memory")
+    p.add_argument("--memory-only", action="store_true", help="only measure memory")
+    p.add_argument("--memory-model", default="tiny", help="model of the memory runs: 'tiny' (default), 'default' or a spec")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        return memory_child(args)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {load()}")
+    work = Path(tempfile.mkdtemp(prefix="bench-video-"))
+    try:
+        if not args.memory_only:
+            clip = make_clip(work / "clip.mp4", args.seconds)
+            source = f"{SHARED_CLIP.name} looped" if SHARED_CLIP.is_file() else "synthetic testsrc2"
+            model = load_model(args.model)
+            print(f"clip: {args.seconds:g} s, 854x480, 25 fps, with audio ({source}); model {args.model}; "
+                  f"{args.height}p, stability {args.stability}, batch {args.batch_size}")
+
+            print(f"\n== ours: streaming pipeline ({load()})")
+            ours = run_ours(clip, work / "ours.mp4", model, args)
+            t = ours["timings"]
+            fps = ours["frames"] / ours["seconds"]
+            print(f"{ours['frames']} frames in {ours['seconds']:.1f} s = {fps:.2f} fps (bar for the video model: >= 8)")
+            print("  main thread: " + ", ".join(f"{k} {t.get(k, 0):.1f} s" for k in ("model", "convert", "stabilize", "encode", "wait")))
+            print(f"  reader thread (overlapping the model): decode {t.get('decode', 0):.1f} s, flow {t.get('flow', 0):.1f} s")
+            share = ours["overhead"]
+            print(f"  wall time outside the model: {100 * share:.1f}% (bar: <= 30%) -> {'met' if share <= 0.3 else 'NOT met'}")
+
+            if not args.skip_baseline:
+                print(f"\n== the seeds' way: JPEG files, per-frame eager fp32 ({load()})")
+                seeds = run_seeds_way(clip, work, work / "seeds.mp4", model, args)
+                st = seeds["timings"]
+                print(f"{seeds['frames']} frames in {seeds['seconds']:.1f} s = {seeds['frames'] / seeds['seconds']:.2f} fps "
+                      f"(extract {st['extract']:.1f} s, stylize {st['stylize']:.1f} s, encode {st['encode']:.1f} s)")
+                ratio = seeds["seconds"] / ours["seconds"]
+                print(f"ours vs the seeds' way: {ratio:.2f}x faster (bar: >= 4x) -> {'met' if ratio >= 4 else 'NOT met'}")
+            print(f"({load()} at the end)")
+        if not args.skip_memory:
+            measure_memory(work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
