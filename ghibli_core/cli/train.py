@@ -6,6 +6,7 @@ import dataclasses
 
 from . import command
 from .train_style import add_style_parser, run_style
+from .train_stylegan import add_stylegan_parser, run_stylegan
 
 
 def _add_cyclegan(p: argparse.ArgumentParser) -> None:
@@ -131,6 +132,7 @@ def _add(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="trainer", metavar="TRAINER", required=True)
     _add_cyclegan(sub.add_parser("cyclegan", help="unpaired photo -> Ghibli translator (CycleGAN)"))
     add_style_parser(sub.add_parser("style", help="fast feed-forward style network (Johnson et al.), for video"))
+    add_stylegan_parser(sub.add_parser("stylegan", help="StyleGAN2 generator for the latent-space tools (ADA augmentation)"))
 
 
 @command("train", "train a model (cyclegan, style)", _add)
@@ -139,4 +141,6 @@ def run(args: argparse.Namespace) -> int:
         return _run_cyclegan(args)
     if args.trainer == "style":
         return run_style(args)
+    if args.trainer == "stylegan":
+        return run_stylegan(args)
     raise ValueError(f"unknown trainer {args.trainer!r}")

@@ -10,6 +10,7 @@ from .cyclegan import (
 )
 from .perceptual import VGGFeatures, gram_matrix, load_vgg
 from .style_net import PRESETS as STYLE_NET_PRESETS, StyleNet, init_style_net
+from .stylegan import StyleGAN2Discriminator, StyleGAN2Generator
 
 __all__ = [
     "MODELS",
@@ -31,4 +32,6 @@ __all__ = [
     "gram_matrix",
     "init_style_net",
     "load_vgg",
+    "StyleGAN2Discriminator",
+    "StyleGAN2Generator",
 ]

@@ -1,0 +1,203 @@
+"""``train stylegan``: a StyleGAN2 generator on a folder of frames (one CPU, one GPU, or ``accelerate launch``).
+
+Examples::
+
+    # a small generator on a 2-core CPU (a few hours), holding out three films for evaluation
+    python -m ghibli_core train stylegan --data ../shared/data/ghibli_frames --resolution 64 \\
+        --exclude 'howls_moving_castle/*' 'kikis_delivery_service/*' 'ponyo/*' \\
+        --channel-base 4096 --channel-max 256 --z-dim 256 --w-dim 256 --mapping-layers 2 \\
+        --eval-frames ../shared/data/ghibli_frames \\
+        --eval-include 'howls_moving_castle/*' 'kikis_delivery_service/*' 'ponyo/*' --out runs/stylegan64
+
+    # fine-tune from a trained generator (a run folder, a checkpoint folder or a Hub repo)
+    python -m ghibli_core train stylegan --data frames/ --resolution 256 --init runs/other --out runs/ft
+
+    # several GPUs
+    accelerate launch --multi_gpu -m ghibli_core train stylegan --data frames/ --resolution 256 --out runs/sg
+
+Network options left out are taken from ``--init``'s checkpoint when fine-tuning, otherwise
+from the defaults shown by ``--help``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+# CLI option -> (generator or discriminator config key) for the options --init can fill in.
+_G_ARCH = {"z_dim": "z_dim", "w_dim": "w_dim", "mapping_layers": "mapping_layers",
+           "channel_base": "channel_base", "channel_max": "channel_max"}
+_D_ARCH = {"d_channel_base": "channel_base", "d_channel_max": "channel_max", "mbstd_group": "mbstd_group"}
+
+
+def add_stylegan_parser(p: argparse.ArgumentParser) -> None:
+    from ..training.augment import POLICIES
+    from ..training.stylegan import StyleGANConfig
+
+    d = {f.name: f.default for f in dataclasses.fields(StyleGANConfig) if f.default is not dataclasses.MISSING}
+    p.add_argument("--data", nargs="+", required=True, metavar="DIR_OR_MANIFEST",
+                   help="image folders and/or manifests made by `prepare` (a .jsonl file or a folder holding manifest.jsonl)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help=f"output side, a power of two (default {d['resolution']}, or --init's)")
+    p.add_argument("--out", "-o", required=True, help="run folder: checkpoints, samples, log, exported generator")
+    p.add_argument("--include", nargs="*", default=[], metavar="GLOB",
+                   help="keep only images whose path relative to its folder matches")
+    p.add_argument("--exclude", nargs="*", default=[], metavar="GLOB",
+                   help="drop images matching (e.g. held-out films: 'ponyo/*')")
+    p.add_argument("--where", nargs="*", default=[], metavar="COND",
+                   help="manifest conditions, all must hold (e.g. 'warmth>0.6' 'studio=ghibli')")
+    p.add_argument("--init", metavar="SPEC",
+                   help="fine-tune from a StyleGAN2 run folder (generator/ + discriminator/), a generator "
+                        "checkpoint folder, an embedded name or a Hub repo owner/name[@rev]")
+    p.add_argument("--init-discriminator", metavar="FOLDER",
+                   help="discriminator checkpoint to start from (default: SPEC/discriminator when --init is a run folder)")
+    g = p.add_argument_group("networks (default: --init's, else the values shown)")
+    g.add_argument("--z-dim", type=int, default=None, help=f"latent z size ({d['z_dim']})")
+    g.add_argument("--w-dim", type=int, default=None, help=f"latent w size ({d['w_dim']})")
+    g.add_argument("--mapping-layers", type=int, default=None, help=f"mapping MLP depth ({d['mapping_layers']})")
+    g.add_argument("--channel-base", type=int, default=None,
+                   help=f"generator maps at resolution r: min(base // r, max) ({d['channel_base']})")
+    g.add_argument("--channel-max", type=int, default=None, help=f"({d['channel_max']})")
+    g.add_argument("--d-channel-base", type=int, default=None, help="discriminator (default: the generator's)")
+    g.add_argument("--d-channel-max", type=int, default=None, help="discriminator (default: the generator's)")
+    g.add_argument("--mbstd-group", type=int, default=None, help=f"minibatch-stddev group size ({d['mbstd_group']})")
+    g = p.add_argument_group("data")
+    g.add_argument("--crop", choices=["random", "center"], default=d["crop"],
+                   help="square crop of images resized to the resolution on their short side")
+    g.add_argument("--no-mirror", action="store_true", help="no random horizontal flips of the training images")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process")
+    g.add_argument("--no-preload", action="store_true", help="decode images on every access instead of once")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=d["steps"], help="total optimisation steps")
+    g.add_argument("--g-lr", type=float, default=d["g_lr"])
+    g.add_argument("--d-lr", type=float, default=d["d_lr"])
+    g.add_argument("--r1-gamma", type=float, default=None,
+                   help="R1 weight (default: 0.0002 * resolution^2 / batch over all processes, as StyleGAN2-ADA)")
+    g.add_argument("--r1-every", type=int, default=d["r1_every"], help="lazy R1 interval")
+    g.add_argument("--pl-weight", type=float, default=d["pl_weight"],
+                   help="path-length regularisation weight (2 in the paper; 0: off, the default, cheaper on CPU)")
+    g.add_argument("--pl-every", type=int, default=d["pl_every"])
+    g.add_argument("--style-mixing", type=float, default=d["style_mixing"], help="style-mixing probability")
+    g.add_argument("--ema-kimg", type=float, default=None,
+                   help="EMA generator half-life in thousands of images (default: batch * 10 / 32)")
+    g.add_argument("--ema-rampup", type=float, default=d["ema_rampup"], help="0 disables the EMA ramp-up")
+    g.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default=d["mixed_precision"],
+                   help="auto: bf16 (or fp16) on a GPU, fp32 on the CPU")
+    g.add_argument("--seed", type=int, default=d["seed"])
+    g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--augment", choices=list(POLICIES), default=d["augment"],
+                   help="ada: adaptive probability (r_t heuristic); fixed: ADA transforms at --augment-p; "
+                        "diffaugment: colour, translation, cutout on every image; none")
+    g.add_argument("--augment-p", type=float, default=d["augment_p"], help="initial (ada) or constant (fixed) p")
+    g.add_argument("--ada-target", type=float, default=d["ada_target"], help="target r_t = E[sign(D(real))]")
+    g.add_argument("--ada-interval", type=int, default=d["ada_interval"], help="steps between p adjustments")
+    g.add_argument("--ada-kimg", type=float, default=d["ada_kimg"],
+                   help="thousands of images for p to move by 1 (the paper's 500 suits long GPU runs)")
+    g = p.add_argument_group("bookkeeping")
+    g.add_argument("--log-every", type=int, default=d["log_every"])
+    g.add_argument("--sample-every", type=int, default=d["sample_every"])
+    g.add_argument("--save-every", type=int, default=d["save_every"])
+    g.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"])
+    g.add_argument("--num-samples", type=int, default=d["num_samples"], help="images in each sample grid")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--stop-after", type=int, default=None,
+                   help="end this invocation after N more steps (resume later; the schedule is unchanged)")
+    g = p.add_argument_group("evaluation at checkpoints (FID/KID against real frames)")
+    g.add_argument("--eval-frames", metavar="DIR", help="held-out Ghibli frames to compare samples against")
+    g.add_argument("--eval-include", nargs="*", default=[], metavar="GLOB", help="filter for --eval-frames")
+    g.add_argument("--eval-exclude", nargs="*", default=[], metavar="GLOB", help="filter for --eval-frames")
+    g.add_argument("--eval-every", type=int, default=d["eval_every"], help="0: only at the end")
+    g.add_argument("--eval-samples", type=int, default=500, help="generated images per evaluation")
+    g.add_argument("--eval-max-images", type=int, default=None, help="use at most this many frames (evenly spaced)")
+    g.add_argument("--no-eval-init", action="store_true", help="do not score the untrained generator first")
+
+
+def _resolve_init(args: argparse.Namespace):
+    """(generator, discriminator or None) from --init / --init-discriminator, or (None, None)."""
+    from ..hub import load
+    from ..models import load_model
+    from ..models.stylegan import StyleGAN2Discriminator, StyleGAN2Generator
+
+    G = D = None
+    if args.init:
+        run = Path(args.init)
+        if run.is_dir() and (run / "generator" / "config.json").is_file():
+            G = load_model(run / "generator")
+            if args.init_discriminator is None and (run / "discriminator" / "config.json").is_file():
+                D = load_model(run / "discriminator")
+        else:
+            G = load(args.init)
+        if not isinstance(G, StyleGAN2Generator):
+            raise ValueError(f"--init {args.init}: expected a StyleGAN2 generator, got a {type(G).__name__}")
+    if args.init_discriminator:
+        D = load_model(args.init_discriminator)
+    if D is not None and not isinstance(D, StyleGAN2Discriminator):
+        raise ValueError(f"--init-discriminator: expected a StyleGAN2 discriminator, got a {type(D).__name__}")
+    return G, D
+
+
+def _architecture(args: argparse.Namespace, G, D, defaults: dict) -> dict:
+    """Network settings: explicit options, else the resumed run's or the init checkpoint's, else the defaults."""
+    g_conf = dict(G._hub_mixin_config) if G is not None else {}
+    d_conf = dict(D._hub_mixin_config) if D is not None else {}
+    previous = Path(args.out) / "train_config.json"
+    if args.resume and previous.is_file():
+        old = json.loads(previous.read_text())
+        for key in (*_G_ARCH, *_D_ARCH, "resolution"):
+            if getattr(args, key) is None and key in old:
+                setattr(args, key, old[key])
+    arch = {}
+    for key, conf_key in _G_ARCH.items():
+        value = getattr(args, key)
+        arch[key] = value if value is not None else g_conf.get(conf_key, defaults[key])
+    for key, conf_key in _D_ARCH.items():
+        value = getattr(args, key)
+        if value is None:
+            value = d_conf.get(conf_key)
+        if value is None:  # the discriminator follows the generator's widths unless told otherwise
+            value = {"d_channel_base": arch["channel_base"], "d_channel_max": arch["channel_max"]}.get(key, defaults[key])
+        arch[key] = value
+    resolution = args.resolution if args.resolution is not None else (G.resolution if G is not None else defaults["resolution"])
+    if G is not None and G.resolution != resolution:
+        raise ValueError(f"--init {args.init} is a {G.resolution}px generator, but --resolution is {resolution}")
+    arch["resolution"] = resolution
+    return arch
+
+
+def _make_evaluator(args: argparse.Namespace):
+    from ..data.datasets import select_images
+    from ..imaging import load_image
+    from ..training.stylegan import GeneratorEvaluator
+
+    paths = select_images([args.eval_frames], include=args.eval_include, exclude=args.eval_exclude)
+    n = args.eval_max_images
+    if n is not None and n < len(paths):
+        paths = [paths[round(i * (len(paths) - 1) / max(1, n - 1))] for i in range(n)]
+    frames = [load_image(p) for p in paths]
+    return GeneratorEvaluator(frames, num_samples=args.eval_samples, seed=args.seed)
+
+
+def run_stylegan(args: argparse.Namespace) -> int:
+    from ..training.stylegan import StyleGANConfig, train_stylegan
+
+    defaults = {f.name: f.default for f in dataclasses.fields(StyleGANConfig) if f.default is not dataclasses.MISSING}
+    G, D = _resolve_init(args) if not args.resume else (None, None)
+    arch = _architecture(args, G, D, defaults)
+    cfg = StyleGANConfig(
+        data=args.data, out=args.out, include=args.include, exclude=args.exclude, where=args.where,
+        init=args.init, **arch, crop=args.crop, mirror=not args.no_mirror, batch_size=args.batch_size,
+        preload=not args.no_preload, steps=args.steps, g_lr=args.g_lr, d_lr=args.d_lr, r1_gamma=args.r1_gamma,
+        r1_every=args.r1_every, pl_weight=args.pl_weight, pl_every=args.pl_every, style_mixing=args.style_mixing,
+        ema_kimg=args.ema_kimg, ema_rampup=args.ema_rampup or None, augment=args.augment, augment_p=args.augment_p,
+        ada_target=args.ada_target, ada_interval=args.ada_interval, ada_kimg=args.ada_kimg,
+        mixed_precision=args.mixed_precision, seed=args.seed, log_every=args.log_every,
+        sample_every=args.sample_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
+        num_samples=args.num_samples, eval_every=args.eval_every, eval_init=not args.no_eval_init,
+    )
+    evaluator = _make_evaluator(args) if args.eval_frames else None
+    folder = train_stylegan(cfg, init_generator=G, init_discriminator=D, resume=args.resume, cpu=args.cpu,
+                            evaluator=evaluator, stop_after=args.stop_after)
+    print(f"generator: {folder}")
+    return 0
