@@ -17,7 +17,7 @@ How the work is kept small (``exact=False``, the default):
 - Long films are cut into chunks decoded by ``workers`` ffmpeg processes at once (one thread
   each), read in order through a bounded buffer.
 
-Bars are found once per film from a dozen keyframes (decoded alone, ``-skip_frame nokey``).
+Bars are found once per film from a few keyframes (decoded alone, ``-skip_frame nokey``).
 
 Clean-up of the samples (:class:`FrameExtractor`): near-black frames (fades to black, night
 cards) and blank ones (a flat colour: white flashes, title cards without text) are dropped;
@@ -426,7 +426,7 @@ class FrameExtractor:
         return _HASHES[self.hash](rgb)
 
     # -- 1. bars --
-    def find_bars(self, info: VideoInfo, *, samples: int = 12) -> Crop:
+    def find_bars(self, info: VideoInfo, *, samples: int = 8) -> Crop:
         """The picture area of ``info``'s film, from ``samples`` keyframes spread over it."""
         full = Crop(0, 0, info.width, info.height)
         if not self.crop_bars:

@@ -206,10 +206,9 @@ class Manifest:
         self.add(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(record, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+        if self.path.exists() and not _ends_with_newline(self.path):
+            _drop_partial_line(self.path)  # an append cut short: its record is being redone
         with open(self.path, "ab") as fp:
-            # a previous run cut short may have left a line without its newline
-            if fp.tell() > 0 and not _ends_with_newline(self.path):
-                line = b"\n" + line
             fp.write(line)
 
     def save(self) -> None:
@@ -220,8 +219,27 @@ class Manifest:
 
 def _ends_with_newline(path: Path) -> bool:
     with open(path, "rb") as fp:
+        if fp.seek(0, os.SEEK_END) == 0:
+            return True
         fp.seek(-1, os.SEEK_END)
         return fp.read(1) == b"\n"
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a file back to its last newline (the unfinished last line goes)."""
+    with open(path, "r+b") as fp:
+        end = fp.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - 65536)
+            fp.seek(start)
+            chunk = fp.read(pos - start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                fp.truncate(start + nl + 1)
+                return
+            pos = start
+        fp.truncate(0)
 
 
 def find_manifest(path: str | os.PathLike) -> Path | None:

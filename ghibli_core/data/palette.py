@@ -9,12 +9,12 @@ or near-black pixel, which means nothing, barely counts. Each cluster becomes a 
 
 Scores, all in [0, 1]:
 
-- ``warmth``: the share of warm hues, each pixel weighted by its chroma (saturation times the
-  lightness factor ``1 - |2L - 1|``, so vivid mid-tones count and greys, blacks and whites do
-  not). A hue's warmth is ``(1 + cos(H - 30 deg)) / 2``: 1 for orange, ~0.93 for red and
-  yellow, 0.5 for green and magenta, 0 for azure (210 deg). A small neutral prior (a chroma
-  weight of 0.02 per pixel at 0.5) keeps near-grey images near 0.5 instead of at the whim of
-  a tint.
+- ``warmth``: the share of warm hues, each pixel weighted by its saturation and lightness,
+  ``S (1 - |2L - 1|)^2``: vivid mid-tones count fully, greys and near-blacks or near-whites
+  (whose hue is noise) hardly at all. A hue's warmth is ``(1 + cos(H - 30 deg)) / 2``: 1 for
+  orange, ~0.93 for red and yellow, 0.5 for green and magenta, 0 for azure (210 deg). A small
+  neutral prior (a weight of 0.02 per pixel at 0.5) keeps near-grey images near 0.5 instead of
+  at the whim of a tint.
 - ``brightness``: mean HSL lightness.
 - ``saturation``: mean chroma ``C`` (colourfulness; HSL's own S is high for near-black
   pixels with any tint, so it is not used raw).
@@ -88,9 +88,9 @@ def _hue_warmth(h_deg: np.ndarray) -> np.ndarray:
 def warmth_of(hsl: np.ndarray) -> float:
     """Chroma-weighted share of warm hues of HSL pixels ``(N, 3)`` (see the module notes)."""
     hsl = np.asarray(hsl, np.float32).reshape(-1, 3)
-    c = hsl[:, 1] * (1.0 - np.abs(2.0 * hsl[:, 2] - 1.0))
+    w = hsl[:, 1] * (1.0 - np.abs(2.0 * hsl[:, 2] - 1.0)) ** 2
     prior = _PRIOR * len(hsl)
-    return float((np.sum(c * _hue_warmth(hsl[:, 0])) + 0.5 * prior) / (np.sum(c) + prior))
+    return float((np.sum(w * _hue_warmth(hsl[:, 0])) + 0.5 * prior) / (np.sum(w) + prior))
 
 
 # -- one image ----------------------------------------------------------------------------------
