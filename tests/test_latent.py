@@ -228,3 +228,20 @@ def test_noise_loop_closes_seamlessly(G):
     assert not torch.equal(frames[0], frames[-1])
     with pytest.raises(ValueError, match="2 stops"):
         list(noise_loop(ws, stops=1))
+
+
+def test_the_real_stylegan2_generator_fits_the_interface():
+    from ghibli_core.models import StyleGAN2Generator
+
+    torch.manual_seed(0)
+    G = StyleGAN2Generator(z_dim=16, w_dim=16, resolution=16, channel_base=256, channel_max=16, mapping_layers=2).eval()
+    ws = seed_ws(G, [1, 2])
+    assert ws.shape == (2, G.num_ws, 16)
+    img = render(G, ws)
+    assert img.shape == (2, 3, 16, 16)
+    assert noise_buffers(G)
+    res = project(G, img[:1], steps=30, stats_samples=200, generator=torch.Generator().manual_seed(0))
+    assert res.losses[-1] < res.losses[0]
+    assert torch.allclose(render(G, res.ws, noise=res.noise), res.image, atol=1e-4)
+    frames = list(walk(ws, frames_per_transition=3))
+    assert render(G, torch.cat(frames)).shape == (4, 3, 16, 16)
