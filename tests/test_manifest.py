@@ -176,3 +176,34 @@ def test_train_cyclegan_accepts_where_filters_and_old_configs():
     for k in ("where_a", "where_b"):
         old.pop(k)
     assert CycleGANConfig(**old).where_b == []
+
+
+def test_train_cyclegan_on_a_manifest_with_where(tmp_path, capsys):
+    """prepare images -> prepare palette -> train cyclegan --domain-b MANIFEST --where-b ..."""
+    import numpy as np
+
+    from ghibli_core.cli import main
+
+    rng = np.random.default_rng(0)
+    photos, frames = tmp_path / "photos", tmp_path / "frames"
+    for folder, n, colours in ((photos, 3, [(60, 120, 200)]), (frames, 6, [(210, 120, 50), (50, 110, 210)])):
+        folder.mkdir()
+        for i in range(n):
+            base = np.array(colours[i % len(colours)], float)
+            img = base + 50 * np.sin(np.arange(48)[None, :, None] / (2 + i) + rng.uniform(0, 6)) + rng.normal(0, 6, (40, 48, 3))
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    data = tmp_path / "data"
+    assert main(["prepare", "images", str(frames), "--out", str(data), "--size", "36", "--tag", "studio=test"]) == 0
+    assert main(["prepare", "palette", str(data), "--groups", "2", "--workers", "1"]) == 0
+    warm = select_paths(data, where=["warmth>0.6", "studio=test"])
+    assert len(warm) == 3
+    capsys.readouterr()
+    rc = main(["train", "cyclegan", "--domain-a", str(photos), "--domain-b", str(data / "manifest.jsonl"),
+               "--where-b", "warmth>0.6", "studio=test", "--out", str(tmp_path / "run"), "--cpu",
+               "--width", "4", "--n-blocks", "1", "--disc-width", "4", "--disc-layers", "2", "--load-size", "36",
+               "--crop-size", "32", "--steps", "2", "--decay-steps", "1", "--pool-size", "2", "--ema-decay", "0",
+               "--log-every", "1", "--sample-every", "2", "--save-every", "2"])
+    assert rc == 0
+    assert "on 3 A images and 3 B images" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["where_b"] == ["warmth>0.6", "studio=test"]
