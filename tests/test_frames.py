@@ -265,12 +265,21 @@ def test_cli_frames_reports_bad_inputs_and_processes_the_rest(films, tmp_path, c
     bad.write_bytes(os.urandom(3000))
     empty_dir = tmp_path / "no_videos"
     empty_dir.mkdir()
+    # a readable container whose frames are all gone: the stream is there, no frame decodes
+    zeroed = tmp_path / "zeroed.mp4"
+    subprocess.run([ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=s=160x120:r=10", "-t", "2",
+                    "-c:v", "libx264", "-movflags", "+faststart", str(zeroed)], check=True)
+    data = bytearray(zeroed.read_bytes())
+    mdat = data.find(b"mdat") + 4
+    data[mdat:] = bytes(len(data) - mdat)
+    zeroed.write_bytes(bytes(data))
     out = tmp_path / "out"
-    rc = main(["prepare", "frames", str(films["letterbox"]), str(bad), str(empty_dir), "--out", str(out),
+    rc = main(["prepare", "frames", str(films["letterbox"]), str(bad), str(zeroed), str(empty_dir), "--out", str(out),
                "--size", "64", "--tag", "studio=test", "--tag", "medium=2d"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "broken.mp4" in err and "no_videos holds no videos" in err
+    assert "zeroed.mp4: no frames could be decoded" in err
     assert _names(out) == [f"letterbox/letterbox_t{t:010.3f}.jpg" for t in KEPT]
     records = list(Manifest.load(out))
     assert [r["timestamp"] for r in records] == KEPT

@@ -401,7 +401,7 @@ class FrameExtractor:
     hash: str = "phash"
     exact: bool = False
     workers: int = 2
-    buffer_mb: int = 128
+    buffer_mb: int = 64
 
     def __post_init__(self) -> None:
         if not (self.fps > 0 and math.isfinite(self.fps)):
@@ -581,10 +581,15 @@ class FrameExtractor:
                 count += 1
                 yield s
 
-        for settled in self.curate(counted(), index=index):
-            if count == 0 and start == 0.0:
-                raise VideoError(f"{info.path}: no frames could be decoded")
-            yield settled
+        try:
+            for settled in self.curate(counted(), index=index):
+                if count == 0 and start == 0.0:
+                    raise VideoError(f"{info.path}: no frames could be decoded")
+                yield settled
+        except VideoError as exc:
+            if count == 0 and start == 0.0 and "no frames" not in str(exc):
+                raise VideoError(f"{info.path}: no frames could be decoded ({str(exc).split(': ', 1)[-1]})") from None
+            raise
 
 
 def _grab_keyframe(path: Path, t: float, w: int, h: int) -> np.ndarray | None:
@@ -609,13 +614,14 @@ class _Pipe:
 
     def __init__(self, cmd: list[str]):
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
-        self.errors: collections.deque[str] = collections.deque(maxlen=20)
+        self.errors: list[str] = []
         self._drain = threading.Thread(target=self._read_errors, daemon=True)
         self._drain.start()
 
     def _read_errors(self) -> None:
         for line in iter(self.proc.stderr.readline, b""):
-            self.errors.append(line.decode("utf-8", "replace").strip())
+            if len(self.errors) < 20:  # a broken stream can print an error per frame
+                self.errors.append(line.decode("utf-8", "replace").strip())
 
     def read(self, nbytes: int) -> bytearray | None:
         buf = bytearray(nbytes)
@@ -640,8 +646,9 @@ class _Pipe:
         self.proc.stdout.close()
         self.proc.stderr.close()
         if check and rc != 0:
-            detail = "; ".join(e for e in self.errors if e)[-500:]
-            raise VideoError(f"{path}: ffmpeg failed (exit {rc}): {detail or 'no details'}")
+            # the first messages name the cause; the rest is ffmpeg tearing its threads down
+            first = [e if len(e) <= 160 else e[:157] + "..." for e in self.errors if e][:2]
+            raise VideoError(f"{path}: ffmpeg failed (exit {rc}): {'; '.join(first) or 'no details'}")
 
     def kill(self) -> None:
         if self.proc.poll() is None:
