@@ -148,7 +148,9 @@ class VideoInfo:
         return f"{self.width}x{self.height}{rot}, {rate}, {self.frame_count} frames, {self.duration:.2f} s{audio}"
 
 
-_STREAM_RE = re.compile(r"^\s*Stream #0:(\d+)(?:\[[^\]]*\])?(?:\([^)]*\))?: (Video|Audio|Subtitle|Data|Attachment): (\S+)(.*)$")
+_STREAM_RE = re.compile(
+    r"^\s*Stream #0:(\d+)(?:\[[^\]]*\])?(?:\([^)]*\))?: (Video|Audio|Subtitle|Data|Attachment): (\S+)(.*)$"
+)
 _INPUT_RE = re.compile(r"^Input #0, (.+), from ")
 _DURATION_RE = re.compile(r"^\s*Duration: (N/A|(\d+):(\d+):(\d+(?:\.\d+)?))(?:, start: (-?\d+(?:\.\d+)?))?")
 _SIZE_RE = re.compile(r", (\d+)x(\d+)\b")
@@ -258,7 +260,8 @@ def _packets(path: Path, video: int, audio: int | None) -> tuple[Fraction, list[
         _finish_process(proc)
         errors.join()
     if proc.returncode != 0 and not pts:
-        raise VideoError(f"{path.name} could not be read: {errors.last() or f'ffmpeg exited with code {proc.returncode}'}")
+        reason = errors.last() or f"ffmpeg exited with code {proc.returncode}"
+        raise VideoError(f"{path.name} could not be read: {reason}")
     tb = tbs.get(0, Fraction(1, 90000))
     order = sorted(range(len(pts)), key=pts.__getitem__)
     pts = [pts[i] for i in order]
@@ -313,9 +316,9 @@ def probe(path: PathLike) -> VideoInfo:
         raise VideoError(f"{path.name}: the video stream has no frame size ({v.codec}); the file may be corrupt")
     coded = (int(size.group(1)), int(size.group(2)))
     sar_match = _SAR_RE.search(v.rest)
-    sar = Fraction(int(sar_match.group(1)), int(sar_match.group(2))) if sar_match and int(sar_match.group(2)) else Fraction(1)
-    if sar <= 0:
-        sar = Fraction(1)
+    sar = Fraction(1)
+    if sar_match and int(sar_match.group(1)) > 0 and int(sar_match.group(2)) > 0:
+        sar = Fraction(int(sar_match.group(1)), int(sar_match.group(2)))
     rotation = 0
     for line in v.extra:
         if (m := _MATRIX_RE.search(line)) or (m := _ROTATE_TAG_RE.match(line)):
@@ -520,7 +523,9 @@ class FrameReader:
         start, end: the part to decode, in seconds from the first video frame.
     """
 
-    def __init__(self, info: VideoInfo, *, size: tuple[int, int] | None = None, start: float = 0.0, end: float | None = None):
+    def __init__(
+        self, info: VideoInfo, *, size: tuple[int, int] | None = None, start: float = 0.0, end: float | None = None
+    ):
         self.info = info
         self.size = size or output_size(info, None)
         w, h = self.size
@@ -685,7 +690,8 @@ class VideoWriter:
             cmd += audio[0]
         cmd += [
             "-map", "0:v",
-            "-vf", "scale=out_color_matrix=bt709:out_range=tv:flags=bicubic+accurate_rnd+full_chroma_int,format=yuv420p",
+            "-vf", "scale=out_color_matrix=bt709:out_range=tv:flags=bicubic+accurate_rnd+full_chroma_int,"
+                   "format=yuv420p",
             "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
             "-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "bt709", "-color_range", "tv",
         ]
@@ -710,7 +716,8 @@ class VideoWriter:
         except (BrokenPipeError, OSError):
             self._proc.wait()
             self._errors.join(timeout=5)
-            raise RuntimeError(f"ffmpeg stopped encoding {self.path.name}: {self._errors.last() or 'broken pipe'}") from None
+            reason = self._errors.last() or "broken pipe"
+            raise RuntimeError(f"ffmpeg stopped encoding {self.path.name}: {reason}") from None
         self.frames_written += 1
 
     def close(self) -> Path:
@@ -727,7 +734,8 @@ class VideoWriter:
             rc = self._proc.wait()
             self._errors.join(timeout=5)
             if rc != 0:
-                raise RuntimeError(f"ffmpeg failed writing {self.path.name}: {self._errors.last() or f'exit code {rc}'}")
+                reason = self._errors.last() or f"exit code {rc}"
+                raise RuntimeError(f"ffmpeg failed writing {self.path.name}: {reason}")
             os.replace(self.tmp, self.path)
         except BaseException:
             self.abort()
@@ -817,7 +825,9 @@ def as_frame_model(
                 return model(x)
 
         return run
-    raise TypeError(f"model must be a Stylizer, an nn.Module or a callable on (N, 3, H, W) tensors, got {type(model).__name__}")
+    raise TypeError(
+        f"model must be a Stylizer, an nn.Module or a callable on (N, 3, H, W) tensors, got {type(model).__name__}"
+    )
 
 
 class _Prefetch(threading.Thread):

@@ -73,7 +73,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "for 'video' the default model when omitted)",
     )
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub model")
-    p.add_argument("--photos", type=Path, default=None, help="folder of photos to translate (searched recursively; required for photos)")
+    p.add_argument(
+        "--photos", type=Path, default=None,
+        help="folder of photos to translate (searched recursively; required for photos)",
+    )
     p.add_argument(
         "--frames", type=Path, default=None,
         help="folder of real Ghibli frames (searched recursively; required for photos, optional for 'video': adds KID)",
@@ -108,7 +111,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     from .video import parse_height, parse_time
 
     video = p.add_argument_group("video (with 'evaluate video CLIP')")
-    video.add_argument("--height", type=parse_height, default=480, metavar="PX", help="processing resolution, the shorter side (default 480; 'original')")
+    video.add_argument(
+        "--height", type=parse_height, default=480, metavar="PX",
+        help="processing resolution, the shorter side (default 480; 'original')",
+    )
     video.add_argument("--stability", type=float, default=0.5, help="stabilization strength in [0, 1] (default 0.5)")
     video.add_argument("--start", type=parse_time, default=0.0, metavar="T", help="start at T seconds (default 0)")
     video.add_argument("--end", type=parse_time, default=None, metavar="T", help="stop at T seconds (default: the end)")
@@ -140,7 +146,8 @@ def format_table(result: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.task == "video":
         return run_video(args)
-    missing = [flag for flag, value in (("--model", args.model), ("--photos", args.photos), ("--frames", args.frames)) if value is None]
+    required = (("--model", args.model), ("--photos", args.photos), ("--frames", args.frames))
+    missing = [flag for flag, value in required if value is None]
     if missing:
         raise ValueError(f"the following arguments are required: {', '.join(missing)} (or use 'evaluate video CLIP')")
     if args.clip is not None:

@@ -43,7 +43,9 @@ def parse_height(text: str) -> int | None:
     try:
         height = int(value.removesuffix("p"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a height in pixels (360, 480, 720) or 'original', got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a height in pixels (360, 480, 720) or 'original', got {text!r}"
+        ) from None
     if height < 16:
         raise argparse.ArgumentTypeError(f"the height must be at least 16 pixels, got {height}")
     return height
@@ -67,24 +69,33 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     from ..video import VideoLimits
 
     limits = VideoLimits()
-    p.add_argument("input", type=Path, metavar="IN", help="the video clip (MP4, MOV, MKV, WebM, AVI, ...)")
-    p.add_argument("-o", "--out", required=True, type=Path, metavar="OUT.mp4", help="the output video (.mp4, .m4v or .mov)")
-    p.add_argument("--model", default=None, help="model spec: a weights/ name, a local folder or a Hub repo owner/name (default: the embedded default model)")
-    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub model")
-    p.add_argument("--height", type=parse_height, default=480, metavar="PX", help="processing resolution: the shorter side in pixels (360, 480, 720; never upscaled) or 'original' (default 480)")
-    p.add_argument("--stability", type=_unit_float, default=0.5, help="temporal stabilization strength: 0 = off, 1 = strongest (default 0.5)")
-    p.add_argument("--start", type=parse_time, default=0.0, metavar="T", help="start at T (seconds or [h:]m:s; default 0)")
-    p.add_argument("--end", type=parse_time, default=None, metavar="T", help="stop at T (default: the end of the clip)")
-    p.add_argument("--side-by-side", action="store_true", help="output original | stylized, side by side")
-    p.add_argument("--frames-dir", type=Path, default=None, metavar="DIR", help="also save every output frame as DIR/frame_000001.png, ...")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="frames per model call (default 4)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="compute precision (default auto)")
-    p.add_argument("--crf", type=int, default=20, help="H.264 quality, 0-51, lower is better (default 20)")
-    p.add_argument("--preset", default="veryfast", choices=["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"], help="H.264 encoder speed (default veryfast)")
-    p.add_argument("--max-seconds", type=float, default=limits.max_seconds, help=f"refuse to process more than this many seconds (default {limits.max_seconds:g})")
-    p.add_argument("--max-pixels", type=int, default=limits.max_pixels, help=f"refuse input frames above this many pixels (default {limits.max_pixels:,})")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add = p.add_argument
+    add("input", type=Path, metavar="IN", help="the video clip (MP4, MOV, MKV, WebM, AVI, ...)")
+    add("-o", "--out", required=True, type=Path, metavar="OUT.mp4", help="the output video (.mp4, .m4v or .mov)")
+    add("--model", default=None,
+        help="model spec: a weights/ name, a local folder or a Hub repo owner/name (default: the embedded default)")
+    add("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub model")
+    add("--height", type=parse_height, default=480, metavar="PX",
+        help="processing resolution: the shorter side in pixels (360, 480, 720; never upscaled) or 'original' "
+             "(default 480)")
+    add("--stability", type=_unit_float, default=0.5,
+        help="temporal stabilization strength: 0 = off, 1 = strongest (default 0.5)")
+    add("--start", type=parse_time, default=0.0, metavar="T", help="start at T (seconds or [h:]m:s; default 0)")
+    add("--end", type=parse_time, default=None, metavar="T", help="stop at T (default: the end of the clip)")
+    add("--side-by-side", action="store_true", help="output original | stylized, side by side")
+    add("--frames-dir", type=Path, default=None, metavar="DIR",
+        help="also save every output frame as DIR/frame_000001.png, ...")
+    add("--batch-size", type=_positive_int, default=4, help="frames per model call (default 4)")
+    add("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default cpu)")
+    add("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="compute precision (default auto)")
+    add("--crf", type=int, default=20, help="H.264 quality, 0-51, lower is better (default 20)")
+    add("--preset", default="veryfast", choices=["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"],
+        help="H.264 encoder speed (default veryfast)")
+    add("--max-seconds", type=float, default=limits.max_seconds,
+        help=f"refuse to process more than this many seconds (default {limits.max_seconds:g})")
+    add("--max-pixels", type=int, default=limits.max_pixels,
+        help=f"refuse input frames above this many pixels (default {limits.max_pixels:,})")
+    add("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 @command("video", "stylize a video clip (temporally stable, original sound)", _add_arguments)
