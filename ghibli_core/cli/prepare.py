@@ -28,7 +28,7 @@ STATE_NAME = ".prepare.json"
 
 
 # -- arguments ----------------------------------------------------------------------------------
-def _add_cleanup(p: argparse.ArgumentParser, *, frames: bool) -> None:
+def _add_cleanup(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("clean-up")
     size = g.add_mutually_exclusive_group()
     size.add_argument("--size", type=int, default=256, help="square output side: resize and centre-crop (default 256)")
@@ -58,14 +58,15 @@ def _add(p: argparse.ArgumentParser) -> None:
         "Files are named <film>/<film>_t<seconds>.jpg. Rerunning resumes an interrupted film."))
     f.add_argument("inputs", nargs="+", metavar="VIDEO_OR_DIR", help="video files, or folders searched for videos")
     f.add_argument("--fps", type=float, default=2.0, help="frames per second of film (default 2)")
-    f.add_argument("--start", type=float, default=0.0, help="skip the first seconds of each film (e.g. opening credits)")
+    f.add_argument("--start", type=float, default=0.0,
+                   help="skip the first seconds of each film (e.g. opening credits)")
     f.add_argument("--end", type=float, default=None, help="stop at this time in each film (seconds)")
     f.add_argument("--no-crop-bars", action="store_true", help="keep letterbox/pillarbox bars")
     f.add_argument("--exact", action="store_true",
                    help="decode every frame for frame-accurate samples (slower; by default B-frames are skipped "
                         "and each sample is the nearest reference frame)")
     f.add_argument("--workers", type=int, default=2, help="ffmpeg processes decoding at once (default 2)")
-    _add_cleanup(f, frames=True)
+    _add_cleanup(f)
 
     i = sub.add_parser("images", help="clean up photo folders", description=(
         "Clean up folders of photos: upright (EXIF) RGB, resized and centre-cropped (or full size), too small, "
@@ -74,7 +75,7 @@ def _add(p: argparse.ArgumentParser) -> None:
     i.add_argument("--min-side", type=int, default=None,
                    help="drop images whose short side is smaller (default: --size, or 0 with --full-size)")
     i.add_argument("--max-side", type=int, default=None, help="with --full-size, downscale the long side to this")
-    _add_cleanup(i, frames=False)
+    _add_cleanup(i)
 
     pl = sub.add_parser("palette", help="HSL K-means palettes, warmth, groups and contact sheets", description=(
         "Per image, K-means on its pixels in HSL: a palette, warmth, brightness and saturation; then groups of "
@@ -89,7 +90,8 @@ def _add(p: argparse.ArgumentParser) -> None:
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--workers", type=int, default=2, help="processes analysing images (default 2)")
     pl.add_argument("--redo", action="store_true", help="recompute palettes already in the manifest")
-    pl.add_argument("--sheet-max", type=int, default=120, help="thumbnails per contact sheet (evenly spread; default 120)")
+    pl.add_argument("--sheet-max", type=int, default=120,
+                    help="thumbnails per contact sheet (evenly spread; default 120)")
     pl.add_argument("--sheet-thumb", type=int, default=128, help="contact sheet thumbnail size (default 128)")
     pl.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="tag every image (repeatable)")
 
@@ -166,10 +168,8 @@ def _check_common(args: argparse.Namespace) -> None:
 
 # -- frames -------------------------------------------------------------------------------------
 def _run_frames(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from ..data.frames import FrameExtractor, HashIndex, VideoError, list_videos, probe_video
-    from ..data.manifest import MANIFEST_NAME, Manifest, atomic_write_bytes, parse_tags
+    from ..data.frames import FrameExtractor, VideoError, list_videos, probe_video
+    from ..data.manifest import MANIFEST_NAME, Manifest, parse_tags
 
     _check_common(args)
     tags = parse_tags(args.tag)
@@ -195,7 +195,8 @@ def _run_frames(args: argparse.Namespace) -> int:
             continue
         names[name] = video
     if not names:
-        raise ValueError("no videos to extract frames from" + (f" ({len(failures)} input(s) failed)" if failures else ""))
+        failed = f" ({len(failures)} input(s) failed)" if failures else ""
+        raise ValueError(f"no videos to extract frames from{failed}")
 
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.load(out / MANIFEST_NAME)
@@ -233,8 +234,8 @@ def _run_frames(args: argparse.Namespace) -> int:
                     crop = extractor.find_bars(info)
                     entry["crop"] = crop.as_list()
                 _save_state(out, state)
-                summaries.append(_extract_one(extractor, info, video, name, entry, manifest, out, tags, ext,
-                                              args, state, tqdm, HashIndex, atomic_write_bytes))
+                summaries.append(
+                    _extract_one(extractor, info, video, name, entry, manifest, out, tags, ext, args, state))
             except (VideoError, ValueError, OSError) as exc:
                 _report(failures, str(exc) if str(video) in str(exc) else f"{video}: {exc}")
     finally:
@@ -257,9 +258,12 @@ def _retag(manifest, name: str, tags: dict) -> None:
             r["tags"] = {**(r.get("tags") or {}), **tags}
 
 
-def _extract_one(extractor, info, video, name, entry, manifest, out, tags, ext, args, state, tqdm, HashIndex,
-                 atomic_write_bytes) -> str:
-    from ..data.frames import Crop
+def _extract_one(extractor, info, video, name, entry, manifest, out, tags, ext, args, state) -> str:
+    """One film, from ``entry['until']`` on: frames written, manifest appended, progress saved."""
+    from tqdm.auto import tqdm
+
+    from ..data.frames import Crop, HashIndex
+    from ..data.manifest import atomic_write_bytes
 
     start = float(entry["until"])
     counts = collections.Counter(entry.get("counts", {}))
@@ -308,7 +312,8 @@ def _extract_one(extractor, info, video, name, entry, manifest, out, tags, ext, 
     dropped = ", ".join(f"{r} {counts[r]}" for r in ("black", "blank", "fade", "duplicate") if counts.get(r))
     crop_note = "" if crop.as_list() == [0, 0, info.width, info.height] else (
         f"; bars cropped to {crop.w}x{crop.h} at ({crop.x}, {crop.y})")
-    return f"{video.name}: {counts['samples']} samples -> {counts['kept']} kept ({dropped or 'none dropped'}){crop_note}"
+    return (f"{video.name}: {counts['samples']} samples -> {counts['kept']} kept "
+            f"({dropped or 'none dropped'}){crop_note}")
 
 
 # -- images -------------------------------------------------------------------------------------
@@ -413,6 +418,7 @@ def _run_images(args: argparse.Namespace) -> int:
 # -- palette ------------------------------------------------------------------------------------
 def _run_palette(args: argparse.Namespace) -> int:
     import numpy as np
+    from PIL import Image
     from tqdm.auto import tqdm
 
     from ..data.manifest import MANIFEST_NAME, Manifest, atomic_write_bytes, find_manifest, parse_tags
@@ -493,8 +499,6 @@ def _run_palette(args: argparse.Namespace) -> int:
         if "palette" not in r:
             r.pop("group", None)
         if "width" not in r:
-            from PIL import Image
-
             try:
                 with Image.open(manifest.resolve(r)) as im:
                     r["width"], r["height"] = im.size

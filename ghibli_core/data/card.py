@@ -57,20 +57,24 @@ def dataset_card(manifest: Manifest, state: dict, *, title: str | None = None) -
             if s.get("kind") == "film":
                 crop, size = s.get("crop"), s.get("frame_size")
                 if crop and size and crop != [0, 0, *size]:
-                    notes.append(f"bars cropped: picture {crop[2]}x{crop[3]} at ({crop[0]}, {crop[1]}) of {size[0]}x{size[1]}")
+                    notes.append(f"bars cropped: picture {crop[2]}x{crop[3]} at ({crop[0]}, {crop[1]}) "
+                                 f"of {size[0]}x{size[1]}")
                 if s.get("duration"):
                     notes.append(f"{s['duration']:.1f} s")
                 if not s.get("complete"):
                     notes.append(f"**incomplete** (stopped at {s.get('until', 0):.1f} s; rerun to resume)")
             seen = counts.get("samples", counts.get("files", 0))
             lines.append(
-                f"| `{s.get('source', key)}` | {s.get('kind', '?')} | {counts.get('kept', 0)} | {seen} | {dropped or '-'} | {'; '.join(notes) or '-'} |"
+                f"| `{s.get('source', key)}` | {s.get('kind', '?')} | {counts.get('kept', 0)} | {seen} "
+                f"| {dropped or '-'} | {'; '.join(notes) or '-'} |"
             )
         lines.append("")
     failures = state.get("failures", [])
     if failures:
         lines += ["Inputs that failed in the last run (see the command's output):", ""]
-        lines += [f"- {f}" for f in failures[:20]] + ([f"- ... and {len(failures) - 20} more"] if len(failures) > 20 else [])
+        lines += [f"- {f}" for f in failures[:20]]
+        if len(failures) > 20:
+            lines.append(f"- ... and {len(failures) - 20} more")
         lines.append("")
 
     # -- settings --
@@ -143,7 +147,8 @@ def dataset_card(manifest: Manifest, state: dict, *, title: str | None = None) -
         "(`warmth>0.6`, `group=3`, `studio=ghibli`, `source!=ponyo*`; several are combined with AND):",
         "",
         "```bash",
-        f"python -m ghibli_core train cyclegan --domain-a PHOTOS/ --domain-b {Path(folder).as_posix()}/manifest.jsonl \\",
+        "python -m ghibli_core train cyclegan --domain-a PHOTOS/ "
+        f"--domain-b {Path(folder).as_posix()}/manifest.jsonl \\",
         "    --where-b 'warmth>0.6' --out runs/warm",
         "```",
         "",

@@ -73,8 +73,12 @@ __all__ = [
 ]
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset(
-    {".mp4", ".m4v", ".mkv", ".mov", ".avi", ".webm", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts", ".wmv", ".flv", ".ogv", ".3gp"}
+    {".mp4", ".m4v", ".mkv", ".mov", ".avi", ".webm", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts", ".wmv", ".flv",
+     ".ogv", ".3gp"}
 )
+
+
+_EXTS = ", ".join(sorted(VIDEO_EXTENSIONS))
 
 
 class VideoError(ValueError):
@@ -106,13 +110,14 @@ def list_videos(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tu
             if path.suffix.lower() in VIDEO_EXTENSIONS:
                 found.add(path)
             else:
-                problems.append((path, f"{path} is not a video file (expected one of {', '.join(sorted(VIDEO_EXTENSIONS))})"))
+                problems.append((path, f"{path} is not a video file (expected one of {_EXTS})"))
         else:
-            videos = [p for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
+            videos = [p for p in path.rglob("*")
+                      if p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
             if videos:
                 found.update(videos)
             else:
-                problems.append((path, f"{path} holds no videos (looked recursively for {', '.join(sorted(VIDEO_EXTENSIONS))})"))
+                problems.append((path, f"{path} holds no videos (looked recursively for {_EXTS})"))
     return sorted(found), problems
 
 
@@ -320,7 +325,8 @@ def detect_bars(
         raise ValueError("detect_bars needs at least one frame")
     h, w = samples[0].shape[:2]
     full = Crop(0, 0, w, h)
-    usable = [s.astype(np.float32) / 255.0 for s in samples if s.shape[:2] == (h, w) and np.percentile(s, 98) > 0.2 * 255]
+    usable = [s.astype(np.float32) / 255.0 for s in samples
+              if s.shape[:2] == (h, w) and np.percentile(s, 98) > 0.2 * 255]
     if not usable:
         return full
     need = max(1, math.ceil(0.25 * len(usable)))
@@ -613,7 +619,8 @@ class _Pipe:
     """One ffmpeg process whose stdout is read frame by frame; stderr is drained by a thread."""
 
     def __init__(self, cmd: list[str]):
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
         self.errors: list[str] = []
         self._drain = threading.Thread(target=self._read_errors, daemon=True)
         self._drain.start()
@@ -675,7 +682,9 @@ def _pipe_frames(cmd: list[str], shape: tuple[int, int, int], path: Path, stop: 
         pipe.close(check=done and (stop is None or not stop.is_set()), path=path)
 
 
-def _parallel_chunks(bounds, command, shape, path: Path, fps: float, workers: int) -> Iterator[tuple[float, np.ndarray]]:
+def _parallel_chunks(
+    bounds, command, shape, path: Path, fps: float, workers: int
+) -> Iterator[tuple[float, np.ndarray]]:
     """Decode chunks ``[a, b)`` of sample indices in ``workers`` processes, yield in order.
 
     At most ``workers`` chunks are decoded ahead of the one being consumed, so memory is
@@ -747,7 +756,9 @@ class ImageCleaner:
     def settings(self) -> dict:
         return asdict(self)
 
-    def clean(self, img: Image.Image, *, index: HashIndex | None = None) -> tuple[Image.Image | None, str | None, int | None]:
+    def clean(
+        self, img: Image.Image, *, index: HashIndex | None = None
+    ) -> tuple[Image.Image | None, str | None, int | None]:
         """``(cleaned image, None, hash)`` or ``(None, reason, hash or None)``.
 
         Reasons: ``too_small``, ``black``, ``blank``, ``duplicate``. A kept image's hash is

@@ -298,7 +298,8 @@ class Condition:
         if not found or actual is None:
             return self.op == "!="
         if isinstance(actual, (list, dict)):
-            raise ValueError(f"--where {self.text!r}: field {self.key!r} holds a {type(actual).__name__}, which cannot be compared")
+            raise ValueError(
+                f"--where {self.text!r}: field {self.key!r} holds a {type(actual).__name__}, which cannot be compared")
         if self.op in ("=", "=="):
             return _equal(actual, self.value, self.text)
         if self.op == "!=":

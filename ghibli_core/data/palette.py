@@ -115,7 +115,8 @@ class Palette:
     def to_record(self) -> dict:
         """The manifest fields: ``palette`` (``[["#rrggbb", share], ...]``), the three scores."""
         return {
-            "palette": [["#%02x%02x%02x" % tuple(int(v) for v in c), round(float(s), 4)] for c, s in zip(self.colors, self.shares)],
+            "palette": [["#%02x%02x%02x" % tuple(int(v) for v in c), round(float(s), 4)]
+                        for c, s in zip(self.colors, self.shares)],
             "warmth": round(self.warmth, 4),
             "brightness": round(self.brightness, 4),
             "saturation": round(self.saturation, 4),
@@ -126,7 +127,8 @@ class Palette:
         try:
             colors = np.array([[int(h[i : i + 2], 16) for i in (1, 3, 5)] for h, _ in record["palette"]], np.uint8)
             shares = np.array([s for _, s in record["palette"]], np.float64)
-            return cls(colors, shares, float(record["warmth"]), float(record["brightness"]), float(record["saturation"]))
+            scores = (float(record["warmth"]), float(record["brightness"]), float(record["saturation"]))
+            return cls(colors, shares, *scores)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"record {record.get('file')!r} has no valid palette: {exc}") from None
 
@@ -345,7 +347,8 @@ def contact_sheet(
         edges = np.round(edges / edges[-1] * thumb).astype(int)
         for j, color in enumerate(pal.colors):
             if edges[j + 1] > edges[j]:
-                draw.rectangle([x0 + edges[j], sy, x0 + edges[j + 1] - 1, sy + swatch - 1], fill=tuple(int(v) for v in color))
+                draw.rectangle([x0 + edges[j], sy, x0 + edges[j + 1] - 1, sy + swatch - 1],
+                               fill=tuple(int(v) for v in color))
         if labels is not None:
             draw.text((x0, sy + swatch + 1), labels[i], fill=(200, 200, 200), font=small)
     return sheet
