@@ -163,6 +163,12 @@ def test_manifest_paths_relative_to_another_folder(tmp_path):
     m.add({"file": file, "source": "film/1.jpg"})
     m.save()
     assert select_paths(tmp_path / "data", include=["film/*"])[0].resolve() == (images / "1.jpg").resolve()
+    # globs match a tail of the file path too (the source may say something else entirely)
+    m.add({"file": file, "source": "film.mp4"})
+    m.save()
+    assert len(select_paths(tmp_path / "data", include=["film/*"])) == 1
+    assert len(select_paths(tmp_path / "data", include=["elsewhere/film/*"])) == 1
+    assert select_paths(tmp_path / "data", exclude=["film/*"]) == []
 
 
 def test_train_cyclegan_accepts_where_filters_and_old_configs():

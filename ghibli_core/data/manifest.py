@@ -389,9 +389,10 @@ def select_paths(
     """Image paths of a manifest (a ``.jsonl`` file or a folder holding ``manifest.jsonl``).
 
     ``where`` filters records (:func:`parse_where`); ``include``/``exclude`` are glob patterns
-    matched against each record's ``file`` and ``source`` (``ponyo/*`` holds out a film both in
-    a folder of frames made by ``prepare frames`` and in a manifest of a folder elsewhere, whose
-    sources are the paths inside that folder). Returns paths in ``file`` order.
+    matched against each record's ``file`` (or a tail of it from a folder on) and ``source``:
+    ``ponyo/*`` holds out a film in a folder of frames made by ``prepare frames``, and in a
+    manifest that lists a folder elsewhere (``../frames/ponyo/1.jpg``). Returns paths in
+    ``file`` order.
 
     Raises:
         FileNotFoundError: no manifest there, or records whose image file is missing.
@@ -403,7 +404,12 @@ def select_paths(
     manifest = Manifest.load(path)
     kept = []
     for record in manifest.select(where):
-        names = [record["file"]] + ([record["source"]] if isinstance(record.get("source"), str) else [])
+        file = record["file"]
+        # the file path, each tail of it from a folder on (a manifest elsewhere reaches the images
+        # through ../x/ponyo/1.jpg, which `ponyo/*` should still match), and the source
+        names = [file] + [file[i + 1 :] for i, c in enumerate(file) if c == "/"]
+        if isinstance(record.get("source"), str):
+            names.append(record["source"])
         if include and not any(fnmatch.fnmatch(n, p) for n in names for p in include):
             continue
         if any(fnmatch.fnmatch(n, p) for n in names for p in exclude):
