@@ -26,10 +26,28 @@ from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
+import numpy as np
+import torch
 from PIL import Image
 
 from ghibli_core import hub
-from ghibli_core.imaging import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from ghibli_core.imaging import DEFAULT_MAX_PIXELS, ImageLoadError, center_crop_resize, load_image, to_tensor, to_uint8
+from ghibli_core.latent import (
+    EASINGS,
+    Evolution,
+    latent_stats,
+    load_latent,
+    neighbours,
+    noise_loop,
+    project,
+    render,
+    save_animation,
+    save_latent,
+    seed_ws,
+    walk,
+    walk_length,
+)
+from ghibli_core.models import CheckpointError, read_config
 from ghibli_core.stylize import Stylizer
 from ghibli_core.video import RESOLUTIONS, VideoError, VideoLimits, check_limits, probe, stylize_video
 
@@ -47,6 +65,13 @@ VIDEO_LIMITS = VideoLimits(max_seconds=30.0, max_pixels=3840 * 2160, max_frames=
 
 _REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _FRONT_MATTER_RE = re.compile(r"\A---\s*\n.*?\n---\s*\n", re.DOTALL)
+
+
+# model_type (config.json) -> the tabs that offer it
+MODEL_KINDS = {
+    "image": {"cyclegan-resnet", "cyclegan-unet", "style-net"},
+    "gan": {"stylegan2"},
+}
 
 
 class UserError(ValueError):
@@ -75,12 +100,14 @@ class Models:
         *,
         weights_dir: str | Path = hub.WEIGHTS_DIR,
         default_model: str = hub.DEFAULT_MODEL,
+        default_gan: str = hub.DEFAULT_GAN,
         device: str = "cpu",
         precision: str = "auto",
         cache_size: int = 4,
     ):
         self.weights_dir = Path(weights_dir)
         self.default_model = default_model
+        self.default_gan = default_gan
         self.device = device
         self.precision = precision
         self.cache_size = cache_size
@@ -88,17 +115,32 @@ class Models:
         self._engines: OrderedDict[int, tuple[Any, Stylizer]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def embedded(self) -> list[str]:
-        """Names of the embedded models, read from disk each time (new exports show up)."""
-        return hub.embedded_models(self.weights_dir)
+    def embedded(self, kind: str = "image") -> list[str]:
+        """Names of the embedded models of ``kind``, read from disk each time (new exports show up).
 
-    def initial_choice(self) -> str | None:
-        names = self.embedded()
-        if self.default_model in names:
-            return self.default_model
+        ``kind`` is ``"image"`` (image-to-image networks: photo and video tabs) or ``"gan"``
+        (generators for the latent-space tabs); discriminators are never offered.
+        """
+        if kind not in MODEL_KINDS:
+            raise ValueError(f"kind must be one of {sorted(MODEL_KINDS)}, got {kind!r}")
+        names = []
+        for name in hub.embedded_models(self.weights_dir):
+            try:
+                model_type = read_config(self.weights_dir / name).get("model_type", "")
+            except CheckpointError:
+                continue
+            if model_type in MODEL_KINDS[kind]:
+                names.append(name)
+        return names
+
+    def initial_choice(self, kind: str = "image") -> str | None:
+        names = self.embedded(kind)
+        default = self.default_model if kind == "image" else self.default_gan
+        if default in names:
+            return default
         return names[0] if names else None
 
-    def spec(self, embedded: str | None, hub_repo: str | None, revision: str | None) -> str | hub.ModelSpec:
+    def spec(self, embedded: str | None, hub_repo: str | None, revision: str | None, *, kind: str = "image") -> str | hub.ModelSpec:
         """The model the controls name: the Hub repo when one is typed, else the embedded choice.
 
         The dropdown value is checked against the embedded names and the repo box is always
@@ -118,7 +160,7 @@ class Models:
             return hub.parse_spec(hub.ModelSpec("hub", repo), revision or rev_in_text or None)
         if revision:
             raise UserError("a revision only applies to a Hub repo: type the repo as owner/name, or clear the revision")
-        names = self.embedded()
+        names = self.embedded(kind)
         if not embedded:
             if not names:
                 raise UserError(f"no embedded model is installed in {self.weights_dir}: type a Hub repo as owner/name")
@@ -144,6 +186,18 @@ class Models:
                     self._engines.popitem(last=False)
             self._engines.move_to_end(id(model))
         return entry[1], notice, card
+
+    def gan(self, spec: str | hub.ModelSpec) -> tuple[Any, str | None, str]:
+        """``(generator, notice, card)`` for a StyleGAN2 ``spec`` (the embedded default GAN when
+        the Hub cannot be reached), in eval mode on the app's device."""
+        model, notice = hub.load_with_fallback(
+            spec, weights_dir=self.weights_dir, default=self.default_gan, map_location=self.device
+        )
+        missing = [a for a in ("mapping", "synthesis", "num_ws", "w_dim", "z_dim") if not hasattr(model, a)]
+        if missing:
+            raise UserError(f"{spec} is a {type(model).__name__}, not a StyleGAN2 generator")
+        card = self.card(self.default_gan) if notice else self.card(spec, offline=True)
+        return model.eval(), notice, card
 
     def card(self, spec: str | hub.ModelSpec | None, *, offline: bool = True) -> str:
         """The model card as Markdown (YAML front matter removed), or a line saying there is none."""
@@ -205,6 +259,23 @@ class AppContext:
     examples_dir: Path = EXAMPLES_DIR
     heavy_concurrency: int = 1
     video_limits: VideoLimits = field(default_factory=lambda: VIDEO_LIMITS)
+    vgg: str | None = None  # VGG weights (file or Hub repo) for the projection's perceptual distance
+    _perceptual: Any = field(default=None, repr=False)
+    _perceptual_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def perceptual(self):
+        """The projection's loss network, loaded once; ``None`` (pixel distance only) without ``vgg``."""
+        if not self.vgg:
+            return None
+        with self._perceptual_lock:
+            if self._perceptual is None:
+                from ghibli_core.models import load_vgg
+
+                try:
+                    self._perceptual = load_vgg(self.vgg, device=self.models.device)
+                except (ValueError, FileNotFoundError) as exc:
+                    raise UserError(f"the app's VGG weights could not be loaded: {exc}") from None
+            return self._perceptual
 
     @property
     def heavy(self) -> dict[str, Any]:
@@ -465,7 +536,457 @@ def video_tab(ctx: AppContext) -> None:
         )
 
 
-TABS: list[Callable[[AppContext], None]] = [photo_tab, video_tab]
+# -- tabs: latent space (painting projection, neighbour gallery, evolution; latent walk) ----------
+NEIGHBOURS_RANGE = (1, 100)
+PROJECTION_STEPS_RANGE = (10, 1000)
+MAX_WALK_FRAMES = 900  # 30 s at 30 fps per render on a CPU
+PREVIEW_EVERY_S = 1.0  # the projection preview refreshes at least this often (when steps finish)
+
+
+def _as_int_list(text: Any, what: str, *, lo: int = 0, hi: int | None = None) -> list[int]:
+    """``"1, 2,3"`` -> ``[1, 2, 3]`` with a clear error for anything else."""
+    values = []
+    for part in str(text or "").replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            raise UserError(f"{what} must be comma-separated whole numbers like 1, 2, 3; got {part!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise UserError(f"{what} must be between {lo} and {hi}, got {value}" if hi is not None else f"{what} must be at least {lo}, got {value}")
+        values.append(value)
+    return values
+
+
+def _editor_file(payload: Any) -> Any:
+    """The composite image of a sketchpad payload (``{"composite": FileData, ...}``), else the payload."""
+    if isinstance(payload, dict) and "composite" in payload:
+        return payload.get("composite")
+    return payload
+
+
+class LatentSession:
+    """One user's latent-space work: the model, the projection, the evolution, the walk keyframes.
+
+    Held in a ``gr.State`` (one per browser session; API clients get their own too).
+    """
+
+    def __init__(self) -> None:
+        self.model_key: str | None = None
+        self.shape: tuple[int, int] | None = None  # (num_ws, w_dim) of the model's latents
+        self.projected = None  # (1, num_ws, w_dim)
+        self.noise: dict = {}
+        self.evolution: Evolution | None = None
+        self.keyframes: list = []  # (1, num_ws, w_dim) each
+
+    def use_model(self, key: str, G) -> None:
+        """Switching to a model with other latents drops what does not fit it."""
+        shape = (G.num_ws, G.w_dim)
+        if self.shape is not None and shape != self.shape:
+            self.projected, self.noise, self.evolution, self.keyframes = None, {}, None, []
+        elif key != self.model_key:
+            self.noise = {}
+        self.model_key, self.shape = key, shape
+
+
+def latent_tabs(ctx: AppContext) -> None:
+    """Tabs "Painting projection" (projection, neighbour gallery, evolution) and "Latent walk"."""
+    stats: dict[int, float] = {}  # id(G) -> spread of w, computed once per model
+
+    def spread(G) -> float:
+        if id(G) not in stats:
+            stats[id(G)] = latent_stats(G, samples=2000, generator=torch.Generator().manual_seed(0))[1]
+        return stats[id(G)]
+
+    def load_gan(model, hub_repo, revision, session: LatentSession | None):
+        try:
+            spec = ctx.models.spec(model, hub_repo, revision, kind="gan")
+            G, notice, card = ctx.models.gan(spec)
+        except (ValueError, hub.HubError) as exc:
+            raise user_error(exc) from None
+        if notice:
+            gr.Warning(html.escape(notice, quote=False))
+        session = session if isinstance(session, LatentSession) else LatentSession()
+        session.use_model(str(spec), G)
+        return G, session, notice
+
+    def save_images(images, prefix: str) -> list[str]:
+        folder = ctx.outputs.path_for("x").parent
+        paths = []
+        for i, img in enumerate(images):
+            path = folder / f"{prefix}_{i:03d}.png"
+            Image.fromarray(to_uint8(img[None])[0]).save(path, format="PNG")
+            paths.append(str(path))
+        return paths
+
+    def gallery_of(G, ws, prefix: str, progress=None, noise=None) -> list[tuple[str, str]]:
+        images = []
+        for start in range(0, ws.shape[0], 8):
+            images.append(render(G, ws[start : start + 8], noise=noise))
+            if progress is not None:
+                progress((min(start + 8, ws.shape[0]), ws.shape[0]), desc="rendering", unit="images")
+        paths = save_images(torch.cat(images), prefix)
+        return [(p, str(i)) for i, p in enumerate(paths)]
+
+    # ---- projection ----
+    def project_run(painting, sketch, model, hub_repo, revision, steps, space, session):
+        try:
+            payload = painting if painting is not None else _editor_file(sketch)
+            path, name = _uploaded_path(payload, "a painting (or draw one)")
+            steps = int(_number(steps, "steps", lo=PROJECTION_STEPS_RANGE[0], hi=PROJECTION_STEPS_RANGE[1]))
+            if space not in ("w", "w+"):
+                raise UserError(f"space must be 'w' or 'w+', got {space!r}")
+        except ValueError as exc:
+            raise user_error(exc) from None
+        try:
+            image = load_image(path, max_pixels=ctx.max_pixels)
+        except ImageLoadError as exc:
+            raise user_error(exc, replace={path: name}) from None
+        G, session, notice = load_gan(model, hub_repo, revision, session)
+        target = to_tensor(center_crop_resize(image, G.resolution)).to(ctx.models.device)
+        perceptual = ctx.perceptual()
+
+        latest: dict[str, Any] = {}
+        stop = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def callback(step, img, loss):
+            latest["step"], latest["img"], latest["loss"] = step, img, loss
+            return stop.is_set()
+
+        def work():
+            try:
+                outcome["result"] = project(G, target, steps=steps, space=space, perceptual=perceptual,
+                                            generator=torch.Generator().manual_seed(0), callback=callback)
+            except Exception as exc:  # reported below, in the event's thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=work, name="projection", daemon=True)
+        thread.start()
+        note = "" if perceptual is not None else " (pixel distance only: set GHIBLI_VGG for a perceptual one)"
+        shown = -1
+        try:
+            while thread.is_alive():
+                thread.join(PREVIEW_EVERY_S)
+                step = latest.get("step", 0)
+                if step != shown and "img" in latest:
+                    shown = step
+                    preview = save_images(latest["img"][:1].cpu(), "preview")[0]
+                    status = f"step {step}/{steps}, loss {latest['loss']:.4f}{note}"
+                    yield preview, status, gr.skip(), session
+        finally:
+            stop.set()  # the client went away (or an error): end the optimisation too
+            thread.join()
+        if "error" in outcome:
+            raise user_error(outcome["error"])
+        result = outcome["result"]
+        session.projected, session.noise = result.ws, result.noise
+        projected = save_images(result.image, "projected")[0]
+        latent_path = ctx.outputs.path_for(f"{_safe_stem(name, 'painting')}_latent.safetensors")
+        save_latent(latent_path, result.ws, noise=result.noise, model=session.model_key or "", space=space)
+        status = f"projected in {len(result.losses)} steps, loss {result.losses[-1]:.4f}{note}"
+        if notice:
+            status = f"⚠️ {html.escape(notice, quote=False)}\n\n{status}"
+        yield projected, status, str(latent_path), session
+
+    # ---- neighbours and evolution ----
+    def neighbours_run(model, hub_repo, revision, sigma, count, seed, session, progress=gr.Progress()):
+        try:
+            sigma = _number(sigma, "sigma", lo=0.0, hi=5.0)
+            count = int(_number(count, "count", lo=NEIGHBOURS_RANGE[0], hi=NEIGHBOURS_RANGE[1]))
+            seed = int(_number(seed, "seed", lo=0, hi=2**31 - 1))
+        except ValueError as exc:
+            raise user_error(exc) from None
+        G, session, _ = load_gan(model, hub_repo, revision, session)
+        if session.projected is None:
+            raise user_error(UserError("project a painting first, or start from random images"))
+        g = torch.Generator().manual_seed(seed)
+        ws = neighbours(session.projected, n=count, sigma=sigma, scale=spread(G), generator=g)
+        session.evolution = Evolution(ws, population=count, sigma=sigma, scale=spread(G), generator=g)
+        gallery = gallery_of(G, ws, "neighbour", progress)
+        return gallery, "", f"{count} neighbours at sigma {sigma:g} (image 0 is the projection when sigma is 0)", session
+
+    def random_run(model, hub_repo, revision, count, seed, session, progress=gr.Progress()):
+        try:
+            count = int(_number(count, "count", lo=NEIGHBOURS_RANGE[0], hi=NEIGHBOURS_RANGE[1]))
+            seed = int(_number(seed, "seed", lo=0, hi=2**31 - 1))
+        except ValueError as exc:
+            raise user_error(exc) from None
+        G, session, _ = load_gan(model, hub_repo, revision, session)
+        ws = seed_ws(G, list(range(seed, seed + count))).cpu()
+        session.evolution = Evolution(ws, population=count, scale=spread(G), generator=torch.Generator().manual_seed(seed))
+        return gallery_of(G, ws, "random", progress), "", f"{count} random images, seeds {seed}..{seed + count - 1}", session
+
+    def toggle_favourite(favourites, evt: gr.SelectData):
+        picks = _as_int_list(favourites, "favourites")
+        index = int(evt.index if not isinstance(evt.index, (list, tuple)) else evt.index[0])
+        picks = [p for p in picks if p != index] if index in picks else picks + [index]
+        return ", ".join(str(p) for p in sorted(picks))
+
+    def evolve_run(model, hub_repo, revision, favourites, sigma, mode, session, progress=gr.Progress()):
+        try:
+            picks = _as_int_list(favourites, "favourites")
+            sigma = _number(sigma, "sigma", lo=0.0, hi=5.0)
+            if mode not in ("mean", "crossover"):
+                raise UserError(f"mode must be 'mean' or 'crossover', got {mode!r}")
+        except ValueError as exc:
+            raise user_error(exc) from None
+        G, session, _ = load_gan(model, hub_repo, revision, session)
+        if session.evolution is None:
+            raise user_error(UserError("show neighbours or random images first"))
+        if not picks:
+            raise user_error(UserError("click one or more images to choose favourites first"))
+        try:
+            ws = session.evolution.evolve(picks, sigma=sigma, mode=mode)
+        except ValueError as exc:
+            raise user_error(exc) from None
+        gen = session.evolution.generation
+        return gallery_of(G, ws, f"gen{gen}", progress), "", f"generation {gen} from favourites {picks} ({mode})", session
+
+    def back_run(model, hub_repo, revision, session, progress=gr.Progress()):
+        G, session, _ = load_gan(model, hub_repo, revision, session)
+        if session.evolution is None:
+            raise user_error(UserError("nothing to go back to yet"))
+        ws = session.evolution.back()
+        gen = session.evolution.generation
+        return gallery_of(G, ws, f"gen{gen}", progress), "", f"back to generation {gen}", session
+
+    # ---- keyframes for the walk ----
+    def keyframe_gallery(G, session) -> list[tuple[str, str]]:
+        if not session.keyframes:
+            return []
+        return gallery_of(G, torch.cat(session.keyframes), "key")
+
+    def send_to_walk(model, hub_repo, revision, favourites, session):
+        try:
+            picks = _as_int_list(favourites, "favourites")
+        except ValueError as exc:
+            raise user_error(exc) from None
+        G, session, _ = load_gan(model, hub_repo, revision, session)
+        if picks:
+            if session.evolution is None:
+                raise user_error(UserError("show a gallery first"))
+            current = session.evolution.current
+            bad = [p for p in picks if not 0 <= p < current.shape[0]]
+            if bad:
+                raise user_error(UserError(f"favourites {bad} are not in the gallery of {current.shape[0]}"))
+            session.keyframes += [current[p : p + 1].clone() for p in picks]
+            what = f"images {picks}"
+        elif session.projected is not None:
+            session.keyframes.append(session.projected.clone())
+            what = "the projection"
+        else:
+            raise user_error(UserError("choose favourites in the gallery, or project a painting first"))
+        return keyframe_gallery(G, session), f"added {what}: {len(session.keyframes)} keyframes", session
+
+    def add_seeds(model, hub_repo, revision, seeds, session):
+        try:
+            values = _as_int_list(seeds, "seeds", lo=0, hi=2**31 - 1)
+            if not values:
+                raise UserError("type seeds like 1, 2, 3")
+            if len(values) > 32:
+                raise UserError(f"at most 32 seeds at a time, got {len(values)}")
+        except ValueError as exc:
+            raise user_error(exc) from None
+        G, session, _ = load_gan(model, hub_repo, revision, session)
+        session.keyframes += [w[None] for w in seed_ws(G, values).cpu()]
+        return keyframe_gallery(G, session), f"added seeds {values}: {len(session.keyframes)} keyframes", session
+
+    def add_latent_file(model, hub_repo, revision, upload, session):
+        try:
+            path, name = _uploaded_path(upload, "a latent file (.safetensors)")
+        except ValueError as exc:
+            raise user_error(exc) from None
+        G, session, _ = load_gan(model, hub_repo, revision, session)
+        try:
+            ws, _, _ = load_latent(path)
+        except (ValueError, FileNotFoundError) as exc:
+            raise user_error(exc, replace={path: name}) from None
+        if ws.shape[1:] != (G.num_ws, G.w_dim):
+            raise user_error(UserError(f"{name} holds latents of shape {tuple(ws.shape[1:])}; this model needs ({G.num_ws}, {G.w_dim})"))
+        session.keyframes.append(ws[:1].float())
+        return keyframe_gallery(G, session), f"added {name}: {len(session.keyframes)} keyframes", session
+
+    def clear_keyframes(session):
+        if isinstance(session, LatentSession):
+            session.keyframes = []
+        return [], "no keyframes", session
+
+    def walk_run(model, hub_repo, revision, mode, frames, fps, easing, loop, stops, between, sigma, fmt, session,
+                 progress=gr.Progress()):
+        try:
+            if mode not in ("walk", "noise loop"):
+                raise UserError(f"mode must be 'walk' or 'noise loop', got {mode!r}")
+            if fmt not in ("mp4", "gif"):
+                raise UserError(f"format must be mp4 or gif, got {fmt!r}")
+            if easing not in EASINGS:
+                raise UserError(f"easing must be one of {', '.join(EASINGS)}, got {easing!r}")
+            frames = int(_number(frames, "frames per transition", lo=1, hi=MAX_WALK_FRAMES))
+            fps = _number(fps, "fps", lo=1, hi=60)
+            stops = int(_number(stops, "stops", lo=2, hi=50))
+            between = int(_number(between, "frames between stops", lo=1, hi=MAX_WALK_FRAMES))
+            sigma = _number(sigma, "sigma", lo=0.0, hi=5.0)
+        except ValueError as exc:
+            raise user_error(exc) from None
+        G, session, _ = load_gan(model, hub_repo, revision, session)
+        keys = session.keyframes
+        if mode == "walk":
+            if len(keys) < 2:
+                raise user_error(UserError(f"a walk needs at least 2 keyframes, there are {len(keys)}"))
+            total = walk_length(len(keys), frames_per_transition=frames, loop=bool(loop))
+            latents = walk(torch.cat(keys), frames_per_transition=frames, easing=easing, loop=bool(loop))
+        else:
+            if not keys:
+                raise user_error(UserError("a noise loop goes around a keyframe: add one first (the last one is used)"))
+            total = stops * between
+            latents = noise_loop(keys[-1], stops=stops, frames_between=between, sigma=sigma, scale=spread(G),
+                                 easing=easing, generator=torch.Generator().manual_seed(0))
+        if total > MAX_WALK_FRAMES:
+            raise user_error(UserError(f"that is {total} frames; at most {MAX_WALK_FRAMES} per render: use fewer frames or keyframes"))
+        out = ctx.outputs.path_for(f"walk.{fmt}")
+        done = [0]
+
+        def frames_iter():
+            batch = []
+            for latent in latents:
+                batch.append(latent)
+                if len(batch) == 8:
+                    yield from flush(batch)
+                    batch = []
+            if batch:
+                yield from flush(batch)
+
+        def flush(batch):
+            for img in render(G, torch.cat(batch)):
+                done[0] += 1
+                progress((done[0], total), desc=f"{done[0]}/{total} frames", unit="frames")
+                yield np.ascontiguousarray(to_uint8(img[None])[0])
+
+        R = G.resolution
+        save_animation(frames_iter(), out, fps=fps, size=(R, R))
+        status = f"{total} frames at {fps:g} fps ({total / fps:.1f} s)"
+        if fmt == "gif":
+            return None, str(out), str(out), status
+        return str(out), None, str(out), status
+
+    initial = ctx.models.initial_choice("gan")
+    no_model = "" if initial else (
+        "*No StyleGAN2 model is embedded in this installation: type a Hub repo (owner/name) of one.*"
+    )
+    session = gr.State(None)
+
+    def model_controls():
+        with gr.Group():
+            model = gr.Dropdown(choices=ctx.models.embedded("gan"), value=initial, label="Generator",
+                                info="an embedded StyleGAN2 model; a Hub repo typed below takes precedence")
+            with gr.Row():
+                hub_repo = gr.Textbox("", label="Hub repo owner/name", placeholder="owner/name", scale=3)
+                revision = gr.Textbox("", label="Revision (optional)", placeholder="main, a tag or a commit", scale=2)
+        return model, hub_repo, revision
+
+    with gr.Tab("Painting projection", id="projection"):
+        if no_model:
+            gr.Markdown(no_model)
+        with gr.Row():
+            with gr.Column():
+                with gr.Tab("Upload"):
+                    painting = gr.Image(label="Painting", type="filepath", sources=["upload", "clipboard"])
+                with gr.Tab("Draw"):
+                    sketch = gr.Sketchpad(label="Sketch", type="filepath")
+                model, hub_repo, revision = model_controls()
+                steps = gr.Slider(*PROJECTION_STEPS_RANGE, value=300, step=10, label="Steps")
+                space = gr.Radio(["w", "w+"], value="w", label="Latent space",
+                                 info="w: one latent for all layers (more typical images); w+: one per layer (closer fits)")
+                project_button = gr.Button("Project", variant="primary")
+            with gr.Column():
+                preview = gr.Image(label="Projection", type="filepath", format="png", interactive=False)
+                project_status = gr.Markdown()
+                latent_file = gr.DownloadButton("Download latent (.safetensors)")
+        gr.Markdown("### Neighbours and evolution\nClick images to choose favourites, then evolve the next generation.")
+        with gr.Row():
+            sigma = gr.Slider(0.0, 2.0, value=0.5, step=0.05, label="Sigma", info="distance from the latent, in typical w spreads")
+            count = gr.Slider(*NEIGHBOURS_RANGE, value=36, step=1, label="Images")
+            seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+            mode = gr.Radio(["mean", "crossover"], value="mean", label="Evolve by",
+                            info="mean of the favourites, or each layer's style from one of them")
+        with gr.Row():
+            neighbours_button = gr.Button("Show neighbours", variant="primary")
+            random_button = gr.Button("Random images")
+            evolve_button = gr.Button("Evolve")
+            back_button = gr.Button("Back")
+            send_button = gr.Button("Send to walk")
+        favourites = gr.Textbox("", label="Favourites (image numbers)", placeholder="click images, or type 0, 5, 12")
+        gallery_status = gr.Markdown()
+        gallery = gr.Gallery(label="Gallery", columns=6, height="auto", object_fit="contain", interactive=False)
+        if initial:
+            gr.Examples(
+                examples=[[str(p)] for p in sorted(ctx.examples_dir.glob("*")) if p.suffix.lower() in (".jpg", ".jpeg", ".png")],
+                inputs=[painting], cache_examples=False, label="Examples", api_name="projection_example",
+            )
+
+    with gr.Tab("Latent walk", id="walk"):
+        if no_model:
+            gr.Markdown(no_model)
+        with gr.Row():
+            with gr.Column():
+                gr.Markdown("Keyframes come from the gallery (**Send to walk**), from seeds, or from latent files.")
+                with gr.Row():
+                    seeds = gr.Textbox("1, 2, 3", label="Seeds", scale=3)
+                    add_seeds_button = gr.Button("Add seeds", scale=1)
+                latent_upload = gr.File(label="Add a latent file (.safetensors)", file_types=[".safetensors"])
+                keyframes = gr.Gallery(label="Keyframes", columns=6, height="auto", interactive=False)
+                key_status = gr.Markdown()
+                clear_button = gr.Button("Clear keyframes")
+            with gr.Column():
+                walk_mode = gr.Radio(["walk", "noise loop"], value="walk", label="Mode",
+                                     info="walk: through the keyframes; noise loop: around the last keyframe")
+                frames = gr.Slider(2, 300, value=150, step=1, label="Frames per transition")
+                with gr.Row():
+                    fps = gr.Slider(1, 60, value=30, step=1, label="FPS")
+                    easing = gr.Radio(list(EASINGS), value="linear", label="Easing")
+                    loop = gr.Checkbox(False, label="Loop back to the first keyframe")
+                with gr.Row():
+                    stops = gr.Slider(2, 20, value=7, step=1, label="Noise-loop stops")
+                    between = gr.Slider(2, 120, value=30, step=1, label="Frames between stops")
+                    loop_sigma = gr.Slider(0.0, 2.0, value=0.5, step=0.05, label="Noise-loop sigma")
+                fmt = gr.Radio(["mp4", "gif"], value="mp4", label="Format")
+                walk_button = gr.Button("Render", variant="primary")
+                walk_video = gr.Video(label="Walk", interactive=False)
+                walk_gif = gr.Image(label="Walk (GIF)", type="filepath", interactive=False)
+                walk_download = gr.DownloadButton("Download")
+                walk_status = gr.Markdown()
+
+    controls = [model, hub_repo, revision]
+    project_button.click(
+        project_run, inputs=[painting, sketch, *controls, steps, space, session],
+        outputs=[preview, project_status, latent_file, session], api_name="project", preprocess=False, **ctx.heavy,
+    )
+    gallery_outputs = [gallery, favourites, gallery_status, session]
+    neighbours_button.click(neighbours_run, inputs=[*controls, sigma, count, seed, session], outputs=gallery_outputs,
+                            api_name="neighbours", **ctx.heavy)
+    random_button.click(random_run, inputs=[*controls, count, seed, session], outputs=gallery_outputs,
+                        api_name="random_images", **ctx.heavy)
+    gallery.select(toggle_favourite, inputs=[favourites], outputs=[favourites], api_name="toggle_favourite")
+    evolve_button.click(evolve_run, inputs=[*controls, favourites, sigma, mode, session], outputs=gallery_outputs,
+                        api_name="evolve", **ctx.heavy)
+    back_button.click(back_run, inputs=[*controls, session], outputs=gallery_outputs, api_name="evolve_back", **ctx.heavy)
+    send_button.click(send_to_walk, inputs=[*controls, favourites, session], outputs=[keyframes, key_status, session],
+                      api_name="send_to_walk", **ctx.heavy)
+    add_seeds_button.click(add_seeds, inputs=[*controls, seeds, session], outputs=[keyframes, key_status, session],
+                           api_name="add_seeds", **ctx.heavy)
+    latent_upload.upload(add_latent_file, inputs=[*controls, latent_upload, session], outputs=[keyframes, key_status, session],
+                         api_name="add_latent_file", preprocess=False, **ctx.heavy)
+    clear_button.click(clear_keyframes, inputs=[session], outputs=[keyframes, key_status, session], api_name="clear_keyframes")
+    walk_button.click(
+        walk_run,
+        inputs=[*controls, walk_mode, frames, fps, easing, loop, stops, between, loop_sigma, fmt, session],
+        outputs=[walk_video, walk_gif, walk_download, walk_status], api_name="walk", **ctx.heavy,
+    )
+
+
+TABS: list[Callable[[AppContext], None]] = [photo_tab, video_tab, latent_tabs]
 
 
 # -- assembly -----------------------------------------------------------------------------------
@@ -486,6 +1007,8 @@ def build_app(
     queue_size: int = 16,
     examples_dir: str | Path = EXAMPLES_DIR,
     video_limits: VideoLimits | None = None,
+    default_gan: str | None = None,
+    vgg: str | None = None,
 ) -> gr.Blocks:
     """Build the app (no model is loaded until a request needs it).
 
@@ -500,6 +1023,10 @@ def build_app(
         queue_size: requests waiting beyond this are turned away ("queue full").
         examples_dir: images offered as examples.
         video_limits: caps of the video tab (default :data:`VIDEO_LIMITS`, for a free CPU Space).
+        default_gan: the embedded StyleGAN2 model of the latent-space tabs; default
+            ``$GHIBLI_DEFAULT_GAN`` or ``ghibli-stylegan2``.
+        vgg: VGG weights (a file or Hub repo) for the projection's perceptual distance; default
+            ``$GHIBLI_VGG``; without one the projection fits pixels only.
     """
     if heavy_concurrency < 1:
         raise ValueError(f"heavy_concurrency must be at least 1, got {heavy_concurrency}")
@@ -508,6 +1035,7 @@ def build_app(
     models = Models(
         weights_dir=weights_dir or os.environ.get("GHIBLI_WEIGHTS_DIR") or hub.WEIGHTS_DIR,
         default_model=default_model or os.environ.get("GHIBLI_DEFAULT_MODEL") or hub.DEFAULT_MODEL,
+        default_gan=default_gan or os.environ.get("GHIBLI_DEFAULT_GAN") or hub.DEFAULT_GAN,
         device=device or default_device(),
         precision=precision,
     )
@@ -518,10 +1046,14 @@ def build_app(
         examples_dir=Path(examples_dir),
         heavy_concurrency=heavy_concurrency,
         video_limits=video_limits or VIDEO_LIMITS,
+        vgg=vgg or os.environ.get("GHIBLI_VGG") or None,
     )
     # analytics off: the app promises to run with no network, and never calls home
     with gr.Blocks(title="Ghibli Studio", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-        gr.Markdown("# Ghibli Studio\nTurn photos and video clips into Studio-Ghibli-style images and films.")
+        gr.Markdown(
+            "# Ghibli Studio\nTurn photos and video clips into Studio-Ghibli-style images and films, "
+            "and explore a generator's latent space."
+        )
         for tab in TABS:
             tab(ctx)
     demo.queue(max_size=queue_size, default_concurrency_limit=4)
@@ -581,6 +1113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="compute precision (default auto)")
     parser.add_argument("--concurrency", type=int, default=1, help="network jobs run at once (default 1)")
     parser.add_argument("--queue-size", type=int, default=16, help="requests allowed to wait (default 16)")
+    parser.add_argument("--gan", default=None, help="embedded StyleGAN2 model of the latent-space tabs (default ghibli-stylegan2)")
+    parser.add_argument("--vgg", default=None, help="VGG weights for the projection's perceptual distance (default $GHIBLI_VGG)")
     args = parser.parse_args(argv)
     demo = build_app(
         weights_dir=args.weights_dir,
@@ -589,6 +1123,8 @@ def main(argv: list[str] | None = None) -> None:
         precision=args.precision,
         heavy_concurrency=args.concurrency,
         queue_size=args.queue_size,
+        default_gan=args.gan,
+        vgg=args.vgg,
     )
     launch(demo, host=args.host, port=args.port, share=args.share)
 

@@ -490,3 +490,41 @@ def load_latent(path) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, 
     if ws.ndim != 3:
         raise ValueError(f"{path}: ws must be (N, num_ws, w_dim), got {tuple(ws.shape)}")
     return ws, noise, meta
+
+
+def save_animation(frames, path, *, fps: float, size: tuple[int, int]):
+    """uint8 ``(H, W, 3)`` frames -> an H.264 MP4 (``.mp4``/``.m4v``/``.mov``) or a looping GIF.
+
+    ``size`` is ``(width, height)`` of the frames; MP4 frames are cropped to even sizes (H.264
+    yuv420p). Written under a temporary name and renamed when complete. Returns the path.
+    """
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".mp4", ".m4v", ".mov", ".gif"):
+        raise ValueError(f"the output must end in .mp4, .m4v, .mov or .gif, got {path.name}")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    if suffix == ".gif":
+        from PIL import Image
+
+        images = [Image.fromarray(frame) for frame in frames]
+        if not images:
+            raise ValueError("no frames to write")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.gif")
+        try:
+            images[0].save(tmp, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)), loop=0)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+    from .video import VideoWriter
+
+    w, h = size
+    with VideoWriter(path, size=(w - w % 2, h - h % 2), fps=fps) as writer:
+        for frame in frames:
+            writer.write(frame[: h - h % 2, : w - w % 2])
+    return path

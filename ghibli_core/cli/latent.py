@@ -15,7 +15,6 @@ from pathlib import Path
 
 from . import command
 
-_GIF = ".gif"
 
 
 def _seeds(text: str) -> list[int]:
@@ -54,39 +53,19 @@ def _load_generator(args):
 
 
 def write_video(frames, path: Path, *, fps: float, size: tuple[int, int], total: int | None = None, desc: str = "frames") -> Path:
-    """uint8 ``(H, W, 3)`` frames -> an H.264 MP4 or a looping GIF (written under a temp name, then renamed)."""
+    """:func:`ghibli_core.latent.save_animation` with a progress bar."""
     from tqdm.auto import tqdm
 
-    path = Path(path)
-    bar = tqdm(total=total, desc=desc, unit="frame")
-    try:
-        if path.suffix.lower() == _GIF:
-            from PIL import Image
+    from ..latent import save_animation
 
-            images = []
-            for frame in frames:
-                images.append(Image.fromarray(frame))
-                bar.update(1)
-            if not images:
-                raise ValueError("no frames to write")
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.gif")
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                images[0].save(tmp, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0, optimize=False)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-            return path
-        from ..video import VideoWriter
+    with tqdm(total=total, desc=desc, unit="frame") as bar:
 
-        w, h = size
-        with VideoWriter(path, size=(w - w % 2, h - h % 2), fps=fps) as writer:
+        def counted():
             for frame in frames:
-                writer.write(frame[: h - h % 2, : w - w % 2])
+                yield frame
                 bar.update(1)
-        return path
-    finally:
-        bar.close()
+
+        return save_animation(counted(), path, fps=fps, size=size)
 
 
 def _frames_of(G, latents, *, size: int | None, noise=None, batch_size: int = 4, mapping_from_z: bool = False, psi: float = 1.0):
@@ -213,7 +192,7 @@ def run_walk(args: argparse.Namespace) -> int:
 
     from ..latent import latent_stats, load_latent, noise_loop, seed_ws, seed_z, walk, walk_length
 
-    if args.out.suffix.lower() not in (".mp4", ".m4v", ".mov", _GIF):
+    if args.out.suffix.lower() not in (".mp4", ".m4v", ".mov", ".gif"):
         raise ValueError(f"the output must end in .mp4, .mov or .gif, got {args.out}")
     if args.fps <= 0:
         raise ValueError(f"--fps must be positive, got {args.fps}")
