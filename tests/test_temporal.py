@@ -107,7 +107,7 @@ def test_residual_stops_blending_where_the_input_changed():
     b[20:50, 20:60] = np.clip(b[20:50, 20:60].astype(int) + 100, 0, 255)  # a patch lights up in place
     stab = TemporalStabilizer(strength=1.0, feather=0)
     motion = stab.analyze(a, b)
-    weights = stab.weights(motion)[..., 0]
+    weights = stab.weights(motion)
     assert motion.residual[25:45, 25:55].mean() > 60
     assert weights[25:45, 25:55].mean() < 0.2 and weights[70:, 80:].mean() > 0.9
 
