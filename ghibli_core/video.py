@@ -270,14 +270,16 @@ def _packets(path: Path, video: int, audio: int | None) -> tuple[Fraction, list[
     return tb, pts, durations, audio_seconds
 
 
-def _snap_rate(rate: Fraction) -> Fraction:
-    """A measured frame rate snapped to the usual exact values (25, 30000/1001, ...) when within
-    0.1%, else a fraction with a denominator of at most 1001."""
+def _snap_rate(rate: Fraction, tolerance: float = 1e-4) -> Fraction:
+    """A measured frame rate snapped to the nearest usual exact value (an integer, or NTSC's
+    k * 1000/1001 such as 30000/1001) when within ``tolerance`` (relative), else a fraction
+    with a denominator of at most 1001."""
     if rate <= 0:
         return rate
-    for cand in (Fraction(round(rate)), Fraction(round(rate * Fraction(1001, 1000)) * 1000, 1001)):
-        if cand > 0 and abs(rate - cand) / cand < Fraction(1, 1000):
-            return cand
+    candidates = [Fraction(round(rate)), Fraction(round(rate * Fraction(1001, 1000)) * 1000, 1001)]
+    best = min((c for c in candidates if c > 0), key=lambda c: abs(rate - c), default=None)
+    if best is not None and abs(rate - best) <= tolerance * best:
+        return best
     return rate.limit_denominator(1001)
 
 
@@ -345,7 +347,9 @@ def probe(path: PathLike) -> VideoInfo:
         tolerance = max(1.0, 0.02 * median)
         variable = bool(median <= 0 or np.any(np.abs(deltas - median) > tolerance))
     if n >= 2 and pts[-1] > pts[0]:
-        fps = _snap_rate(Fraction(n - 1) / ((pts[-1] - pts[0]) * tb))
+        # the span is known to a tick at each end (containers like Matroska count milliseconds)
+        span = pts[-1] - pts[0]
+        fps = _snap_rate(Fraction(n - 1) / (span * tb), tolerance=max(1e-4, 1.5 / span))
     elif durations and durations[0] > 0:
         fps = _snap_rate(1 / (durations[0] * tb))
     else:

@@ -132,6 +132,17 @@ def test_probe_detects_variable_frame_rate(clips):
     assert 10 < float(info.fps) < 20
 
 
+def test_ntsc_rates_stay_exact_also_in_millisecond_containers(tmp_path):
+    # Matroska stores times in ms: 29.97 fps frames are 33 or 34 ms apart, which is not "variable"
+    for name in ("ntsc.mp4", "ntsc.mkv"):
+        src = make_clip(tmp_path / name, rate="30000/1001", seconds=1)
+        info = probe(src)
+        assert info.fps == Fraction(30000, 1001) and not info.variable_frame_rate, name
+        assert info.frame_count == 30
+    out = stylize_video(info, tmp_path / "ntsc_out.mp4", identity, height=None)
+    assert probe(out.path).fps == Fraction(30000, 1001) and out.frames == 30
+
+
 def test_probe_rejects_what_is_not_a_video(tmp_path):
     with pytest.raises(FileNotFoundError):
         probe(tmp_path / "missing.mp4")
