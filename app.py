@@ -445,6 +445,8 @@ def video_tab(ctx: AppContext) -> None:
             stability = _number(stability, "stability", lo=0.0, hi=1.0)
             start = 0.0 if start in (None, "") else _number(start, "start", lo=0.0, hi=1e7)
             end = None if end in (None, "", 0) else _number(end, "end", lo=0.0, hi=1e7)
+            if side_by_side not in (None, True, False):
+                raise UserError(f"side by side must be true or false, got {side_by_side!r}")
             side_by_side = bool(side_by_side)
             spec = ctx.models.spec(model, hub_repo, revision)
         except (ValueError, hub.HubError) as exc:
@@ -465,13 +467,15 @@ def video_tab(ctx: AppContext) -> None:
             gr.Warning(html.escape(notice, quote=False))
 
         began = time.perf_counter()
+        out = ctx.outputs.path_for(f"{_safe_stem(name, 'video')}_ghibli.mp4")
 
         def report(done: int, total: int) -> None:
+            # a long job keeps its folder fresh: OutputFolder removes folders idle for keep_s
+            os.utime(out.parent)
             left = (time.perf_counter() - began) / done * (total - done) if done else 0.0
             progress((done, total), desc=f"{done}/{total} frames, about {_eta(left)} left", unit="frames")
 
         progress((0, 1), desc="starting", unit="frames")
-        out = ctx.outputs.path_for(f"{_safe_stem(name, 'video')}_ghibli.mp4")
         try:
             result = stylize_video(
                 info, out, network,
