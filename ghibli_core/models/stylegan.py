@@ -233,7 +233,7 @@ class MappingNetwork(nn.Module):
         x = z * (z.square().mean(1, keepdim=True) + 1e-8).rsqrt()
         for layer in self.layers:
             x = layer(x)
-        ws = x.unsqueeze(1).expand(-1, self.num_ws, -1)
+        ws = x.unsqueeze(1).repeat(1, self.num_ws, 1)  # a real tensor: callers may edit layers in place
         if truncation_psi != 1.0:
             cutoff = self.num_ws if truncation_cutoff is None else int(truncation_cutoff)
             if not 0 <= cutoff <= self.num_ws:
