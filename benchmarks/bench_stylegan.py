@@ -5,9 +5,10 @@
    activation) against the textbook formulation of StyleGAN2 (per-sample modulated and
    demodulated weights in a grouped convolution, then separate noise, bias, activation and gain
    ops), both eager fp32. Timed: a 16-image gallery forward, and a projection step (one image,
-   forward + backward to ``ws`` and the noise buffers). A third column times the official
-   upsampling (stride-2 transposed convolution + [1, 3, 3, 1] blur) in the textbook layers, for
-   the record of why ours interpolates bilinearly then convolves (not the same function: cost only).
+   forward + backward to ``ws`` and the noise buffers), and a generator training pass (16 images,
+   forward + backward to the weights). A last column times the textbook layers with the other
+   upsampling (bilinear, then the 3x3 convolution at the high resolution; not the same function,
+   cost only), the choice StyleGAN2's stride-2 transposed convolution + blur was measured against.
 2. ``--train-steps N``: N training steps of ``train_stylegan`` at the given config on synthetic
    data; prints wall seconds and CPU seconds (all threads) per step.
 
@@ -76,7 +77,7 @@ def _ref_torgb(torgb: ToRGB, x, w):
     return y + torgb.bias.reshape(1, 3, 1, 1)
 
 
-def reference_synthesis(G: StyleGAN2Generator, ws: torch.Tensor, *, noise_mode: str = "const", up_mode: str = "bilinear"):
+def reference_synthesis(G: StyleGAN2Generator, ws: torch.Tensor, *, noise_mode: str = "const", up_mode: str = "transpose"):
     x = img = None
     i = 0
     for block in G.synthesis.blocks:
@@ -144,14 +145,24 @@ def bench_generator(G: StyleGAN2Generator, *, reps: int) -> None:
                 b.requires_grad_(False)
         return run
 
+    def training(synth):
+        def run():
+            G.requires_grad_(True)
+            synth(G.mapping(z)).square().mean().backward()
+            G.zero_grad(set_to_none=True)
+            G.requires_grad_(False)
+        return run
+
     rows = [
         ("gallery: 16 images, forward", gallery(G.synthesis), gallery(lambda w: reference_synthesis(G, w)),
-         gallery(lambda w: reference_synthesis(G, w, up_mode="transpose"))),
+         gallery(lambda w: reference_synthesis(G, w, up_mode="bilinear"))),
         ("projection step: 1 image, fwd + bwd", projection(G.synthesis),
          projection(lambda w: reference_synthesis(G, w)),
-         projection(lambda w: reference_synthesis(G, w, up_mode="transpose"))),
+         projection(lambda w: reference_synthesis(G, w, up_mode="bilinear"))),
+        ("training pass: 16 images, fwd + bwd", training(G.synthesis), training(lambda w: reference_synthesis(G, w)),
+         training(lambda w: reference_synthesis(G, w, up_mode="bilinear"))),
     ]
-    print(f"{'':38s} {'ours':>9s} {'textbook':>9s} {'ratio':>6s} {'official up':>12s}")
+    print(f"{'':38s} {'ours':>9s} {'textbook':>9s} {'ratio':>6s} {'bilinear up':>12s}")
     for name, *fns in rows:
         ours_t, ref_t, official_t = _time_interleaved(fns, reps)
         print(f"{name:38s} {ours_t * 1000:7.1f}ms {ref_t * 1000:7.1f}ms {ref_t / ours_t:5.2f}x {official_t * 1000:10.1f}ms")

@@ -2,15 +2,15 @@
 
 Examples::
 
-    # the CPU recipe: 64 px, narrow networks, ~1.2 s/step at batch 16 on one thread of a shared
-    # 2-core CPU (5000 steps + 3 evaluations in about 2 hours); three films held out for KID
+    # the CPU recipe: 64 px, narrow networks, ~1.0 s/step at batch 16 on one thread of a shared
+    # 2-core CPU (6000 steps + 3 evaluations in about 2 hours); three films held out for KID
     OMP_NUM_THREADS=1 python -m ghibli_core train stylegan --data ../shared/data/ghibli_frames \
         --exclude 'howls_moving_castle/*' 'kikis_delivery_service/*' 'ponyo/*' \
         --resolution 64 --channel-base 2048 --channel-max 128 --z-dim 256 --w-dim 256 --mapping-layers 2 \
         --batch-size 16 --steps 5000 --sample-every 250 --save-every 500 \
         --eval-frames ../shared/data/ghibli_frames \
         --eval-include 'howls_moving_castle/*' 'kikis_delivery_service/*' 'ponyo/*' \
-        --eval-every 2500 --eval-samples 500 --out runs/stylegan64
+        --eval-every 3000 --eval-samples 500 --out runs/stylegan64
 
     # a GPU: StyleGAN2-ADA's 256 px widths, bf16, path-length regularisation, the paper's ADA speed
     python -m ghibli_core train stylegan --data ../shared/data/ghibli_frames --exclude ... \
