@@ -7,7 +7,7 @@ Examples::
     OMP_NUM_THREADS=1 python -m ghibli_core train stylegan --data ../shared/data/ghibli_frames \
         --exclude 'howls_moving_castle/*' 'kikis_delivery_service/*' 'ponyo/*' \
         --resolution 64 --channel-base 2048 --channel-max 128 --z-dim 256 --w-dim 256 --mapping-layers 2 \
-        --batch-size 16 --steps 5000 --sample-every 250 --save-every 500 \
+        --batch-size 16 --steps 6000 --sample-every 250 --save-every 500 \
         --eval-frames ../shared/data/ghibli_frames \
         --eval-include 'howls_moving_castle/*' 'kikis_delivery_service/*' 'ponyo/*' \
         --eval-every 3000 --eval-samples 500 --out runs/stylegan64
