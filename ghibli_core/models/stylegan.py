@@ -26,11 +26,12 @@ Choices made for CPU speed (documented differences from the official code):
   demodulation coefficients). It is exactly the same function as convolving each sample with
   its own modulated weight, without a grouped convolution, and the demodulation coefficients come
   from an ``(N, in) @ (in, out)`` product instead of an ``(N, out, in, k, k)`` tensor.
-- Upsampling in the synthesis convolutions is StyleGAN2's: a stride-2 transposed convolution
-  followed by the ``[1, 3, 3, 1]`` binomial filter, so the 3x3 convolution runs at the low
-  resolution (on one CPU thread a generator training pass, 16 images at 64 px, measured 1.5x
-  faster than bilinear upsampling followed by the convolution, the same family of functions). The tRGB skip
-  path is upsampled bilinearly: the same filter, with clamped instead of zero edges.
+- Upsampling in the synthesis convolutions is StyleGAN2's own (not a difference): a stride-2
+  transposed convolution followed by the ``[1, 3, 3, 1]`` binomial filter, so the 3x3
+  convolution runs at the low resolution. On one CPU thread a generator training pass (16
+  images, 64 px) measured 1.5x faster than bilinear upsampling followed by the convolution (the
+  same family of functions). The tRGB skip path is upsampled bilinearly: the same filter, with
+  clamped instead of zero edges.
 - The leaky ReLU's ``sqrt(2)`` gain and the residual ``sqrt(1/2)`` are folded into weights,
   biases and demodulation coefficients, and demodulation, bias and noise are fused into two
   in-place ops: elementwise passes over big activations cost as much as the convolutions on a CPU.
