@@ -135,7 +135,7 @@ def _add(p: argparse.ArgumentParser) -> None:
     add_stylegan_parser(sub.add_parser("stylegan", help="StyleGAN2 generator for the latent-space tools (ADA augmentation)"))
 
 
-@command("train", "train a model (cyclegan, style)", _add)
+@command("train", "train a model (cyclegan, style, stylegan)", _add)
 def run(args: argparse.Namespace) -> int:
     if args.trainer == "cyclegan":
         return _run_cyclegan(args)
