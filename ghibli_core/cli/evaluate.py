@@ -142,7 +142,12 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-@command("evaluate", "FID and KID of a photo->Ghibli model vs real frames, raw photos as baseline", _add_arguments)
+@command(
+    "evaluate",
+    "FID and KID of a photo->Ghibli model vs real frames, raw photos as baseline; "
+    "'evaluate video CLIP': temporal warping error with and without stabilization",
+    _add_arguments,
+)
 def run(args: argparse.Namespace) -> int:
     if args.task == "video":
         return run_video(args)
