@@ -50,7 +50,8 @@ def server(tmp_path_factory):
     )
     app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
-        client = Client(demo.local_url, verbose=False, download_files=str(root / "downloads"), analytics_enabled=False)
+        client = Client(demo.local_url, verbose=False, download_files=str(root / "downloads"), analytics_enabled=False,
+                    httpx_kwargs={"timeout": 300})
         yield client, root
     finally:
         demo.close()

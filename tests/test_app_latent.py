@@ -39,7 +39,8 @@ def served(tmp_path_factory):
 @pytest.fixture()
 def client(served):
     demo, root = served  # a new client is a new session (its own state)
-    return Client(demo.local_url, verbose=False, download_files=str(root / "downloads"), analytics_enabled=False), root
+    return Client(demo.local_url, verbose=False, download_files=str(root / "downloads"), analytics_enabled=False,
+                    httpx_kwargs={"timeout": 300}), root
 
 
 def painting(path):
