@@ -15,7 +15,7 @@ from ghibli_core.latent import load_latent, save_latent  # noqa: E402
 from ghibli_core.models import ResnetGenerator, StyleGAN2Generator  # noqa: E402
 from ghibli_core.video import probe  # noqa: E402
 
-from test_app import free_port  # noqa: E402
+from test_app import launch_on_loopback  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
 TINY = dict(z_dim=16, w_dim=16, resolution=16, channel_base=256, channel_max=16, mapping_layers=2)
@@ -29,7 +29,7 @@ def served(tmp_path_factory):
     (root / "weights" / "gan" / "README.md").write_text("# tiny gan\n")
     ResnetGenerator(width=4, n_blocks=1).save_pretrained(root / "weights" / "tiny")
     demo = app.build_app(weights_dir=root / "weights", default_model="tiny", default_gan="gan", device="cpu")
-    app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
+    launch_on_loopback(demo)
     try:
         yield demo, root
     finally:
