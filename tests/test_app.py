@@ -33,7 +33,7 @@ def launch_on_loopback(demo) -> None:
     loaded machine can miss ("localhost is not accessible"): try again on a fresh port."""
     for attempt in range(3):
         try:
-            launch_on_loopback(demo)
+            app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
             return
         except ValueError as exc:
             if "localhost is not accessible" not in str(exc) or attempt == 2:
