@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -359,10 +359,10 @@ def evaluate_stability(
     frames: Iterable[np.ndarray],
     run_model: Callable,
     *,
-    strength: float = 0.5,
+    strength: float | Sequence[float] = 0.5,
     flow: FlowEstimator | None = None,
     batch_size: int = 4,
-    on_output: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    on_output: Callable[[int, np.ndarray, dict[float, np.ndarray]], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Warping errors of a clip: the input, its stylization frame by frame, and stabilized.
@@ -370,25 +370,32 @@ def evaluate_stability(
     Args:
         frames: uint8 ``(H, W, 3)`` input frames in order (e.g. a :class:`~ghibli_core.video.FrameReader`).
         run_model: ``(N, 3, H, W)`` float32 in ``[-1, 1]`` -> the same shape (the stylizer).
-        strength: the stabilizer's strength.
-        flow: the estimator used both for the metric and the stabilizer.
+        strength: the stabilizer's strength, or several to compare in one pass (the model and
+            the flow run once; each strength gets its own stabilizer).
+        flow: the estimator used both for the metric and the stabilizers.
         batch_size: frames per model call.
-        on_output: called as ``on_output(index, stylized, stabilized)`` for every frame (e.g.
-            to keep samples for KID).
+        on_output: called as ``on_output(index, stylized, {strength: stabilized})`` for every
+            frame (e.g. to keep samples for KID).
         progress: called with the number of frames done after each batch.
 
     Returns:
-        ``{"frames", "pairs", "cuts", "input", "stylized", "stabilized", "reduction"}``, where
-        ``reduction`` is ``1 - stabilized / stylized`` (the share of warping error removed).
+        ``{"frames", "pairs", "cuts", "input", "stylized", "strength", "stabilized",
+        "reduction", "sweep"}``: warping errors of the input and of the frames stylized one by
+        one; ``stabilized`` and ``reduction`` (``1 - stabilized / stylized``, the share of
+        warping error removed) for the first strength; ``sweep`` lists ``{"strength",
+        "stabilized", "reduction"}`` for every strength.
     """
     from .imaging import to_tensor, to_uint8
 
+    strengths = [float(strength)] if isinstance(strength, (int, float)) else [float(s) for s in strength]
+    if not strengths:
+        raise ValueError("give at least one strength")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     flow = flow or FlowEstimator()
-    stabilizer = TemporalStabilizer(strength=strength, flow=flow)
-    meters = {"input": WarpingError(), "stylized": WarpingError(), "stabilized": WarpingError()}
-    prev: dict[str, np.ndarray] | None = None
+    stabilizers = {s: TemporalStabilizer(strength=s, flow=flow) for s in strengths}
+    meters = {key: WarpingError() for key in ["input", "stylized", *strengths]}
+    prev: dict | None = None
     n = 0
     it = iter(frames)
     while True:
@@ -398,24 +405,30 @@ def evaluate_stability(
         styled = to_uint8(run_model(to_tensor(np.stack(batch))))
         for frame, out in zip(batch, styled):
             motion = None if prev is None else flow(prev["input"], frame)
-            stab = stabilizer(out, motion)
-            cur = {"input": frame, "stylized": out, "stabilized": stab}
+            stabilized = {s: stab(out, motion) for s, stab in stabilizers.items()}
+            cur = {"input": frame, "stylized": out, **stabilized}
             if motion is not None:
                 for key, meter in meters.items():
                     meter.update(prev[key], cur[key], motion)
             if on_output is not None:
-                on_output(n, out, stab)
+                on_output(n, out, stabilized)
             prev = cur
             n += 1
         if progress is not None:
             progress(n)
     if n < 2:
         raise ValueError(f"the warping error needs at least 2 frames, got {n}")
-    values = {key: meter.value for key, meter in meters.items()}
+    base = meters["stylized"].value
+    sweep = [
+        {"strength": s, "stabilized": meters[s].value, "reduction": 1.0 - meters[s].value / base if base > 0 else 0.0}
+        for s in strengths
+    ]
     return {
         "frames": n,
         "pairs": meters["input"].pairs,
         "cuts": meters["input"].skipped,
-        **values,
-        "reduction": 1.0 - values["stabilized"] / values["stylized"] if values["stylized"] > 0 else 0.0,
+        "input": meters["input"].value,
+        "stylized": base,
+        **sweep[0],
+        "sweep": sweep,
     }

@@ -174,8 +174,17 @@ def test_stabilization_lowers_the_warping_error_of_a_flickery_stylizer():
 
 def test_stronger_stabilization_removes_more_flicker():
     frames = panning(12)
-    errors = [evaluate_stability(frames, flickery(seed=1), strength=s)["stabilized"] for s in (0.0, 0.3, 0.6, 0.9)]
+    seen = []
+    result = evaluate_stability(
+        frames, flickery(seed=1), strength=(0.0, 0.3, 0.6, 0.9), on_output=lambda i, s, d: seen.append(sorted(d))
+    )
+    errors = [r["stabilized"] for r in result["sweep"]]
     assert errors == sorted(errors, reverse=True)
+    assert errors[0] == pytest.approx(result["stylized"])  # strength 0 changes nothing
+    assert result["stabilized"] == errors[0] and len(seen) == 12 and seen[0] == [0.0, 0.3, 0.6, 0.9]
+    # one pass over several strengths gives what separate passes give (same model outputs)
+    alone = evaluate_stability(frames, flickery(seed=1), strength=0.0)
+    assert alone["stylized"] == pytest.approx(result["stylized"])
 
 
 # -- the metric ---------------------------------------------------------------------------------
@@ -226,13 +235,15 @@ def test_evaluate_video_command(tmp_path, capsys):
     clip = make_clip(tmp_path / "clip.mp4", size=(96, 64), rate=10, seconds=1)
     out = tmp_path / "eval" / "video.json"
     code = main(["evaluate", "video", str(clip), "--model", str(tmp_path / "model"), "--height", "original",
-                 "--stability", "0.5", "--json", str(out)])
+                 "--stability", "0.3,0.8", "--json", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "warping error" in printed and "stabilized" in printed
+    assert "warping error" in printed and "stabilized (0.3)" in printed and "stabilized (0.8)" in printed
     record = json.loads(out.read_text())
     assert record["frames"] == 10 and record["pairs"] + record["cuts"] == 9
-    assert record["stabilized"] < record["stylized"] and record["input"] >= 0
+    assert record["strength"] == 0.3 and [r["strength"] for r in record["sweep"]] == [0.3, 0.8]
+    assert record["sweep"][1]["stabilized"] < record["sweep"][0]["stabilized"] < record["stylized"]
+    assert record["input"] >= 0
     # the photo form still parses as before
     args = build_parser().parse_args(["evaluate", "--model", "m", "--photos", "p", "--frames", "f"])
     assert args.task is None and args.photos == Path("p")

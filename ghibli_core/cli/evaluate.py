@@ -115,7 +115,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--height", type=parse_height, default=480, metavar="PX",
         help="processing resolution, the shorter side (default 480; 'original')",
     )
-    video.add_argument("--stability", type=float, default=0.5, help="stabilization strength in [0, 1] (default 0.5)")
+    video.add_argument(
+        "--stability", type=_strengths, default=[0.5], metavar="S[,S...]",
+        help="stabilization strength in [0, 1], or several to compare in one pass, e.g. 0.3,0.5,0.8 (default 0.5)",
+    )
     video.add_argument("--start", type=parse_time, default=0.0, metavar="T", help="start at T seconds (default 0)")
     video.add_argument("--end", type=parse_time, default=None, metavar="T", help="stop at T seconds (default: the end)")
 
@@ -216,23 +219,38 @@ def run(args: argparse.Namespace) -> int:
 
 
 # -- evaluate video ---------------------------------------------------------------------------
+def _strengths(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected strengths like 0.5 or 0.3,0.5,0.8, got {text!r}") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"strengths must be between 0 and 1, got {text!r}")
+    return values
+
+
 def format_video_table(result: dict) -> str:
     """The warping errors (and KIDs when measured) as a small text table."""
+    kid = result.get("kid")
     lines = ["warping error (Lai et al. 2018: RGB in [0, 1], non-occluded pixels; lower is steadier)"]
-    for row in ("input", "stylized", "stabilized"):
-        note = f"   ({-100 * result['reduction']:+.1f}% vs stylized)" if row == "stabilized" else ""
-        lines.append(f"  {row:<11}{result[row]:>10.5f}{note}")
+    lines.append(f"  {'input':<22}{result['input']:>10.5f}")
+    row = f"  {'stylized':<22}{result['stylized']:>10.5f}"
+    if kid:
+        row += f"{'':<22}KID x1000 {kid['stylized_x1000']:.2f} ± {kid['stylized_std_x1000']:.2f}"
+    lines.append(row)
+    for item in result["sweep"]:
+        s = item["strength"]
+        row = f"  {f'stabilized ({s:g})':<22}{item['stabilized']:>10.5f}   ({-100 * item['reduction']:+.1f}% vs stylized)"
+        if kid:
+            k = kid["stabilized"][str(s)]
+            row += f"   KID x1000 {k['x1000']:.2f} ± {k['std_x1000']:.2f} ({100 * k['change']:+.1f}%)"
+        lines.append(row)
     lines.append(
         f"{result['frames']} frames ({result['pairs']} pairs, {result['cuts']} at scene cuts skipped) at "
-        f"{result['width']}x{result['height']}, stability {result['stability']:g}"
+        f"{result['width']}x{result['height']}"
     )
-    if "kid" in result:
-        k = result["kid"]
-        lines.append(
-            f"KID x1000 vs {k['frames']} Ghibli frames ({k['samples']} output frames each): stylized "
-            f"{k['stylized_x1000']:.2f} ± {k['stylized_std_x1000']:.2f}, stabilized {k['stabilized_x1000']:.2f} ± "
-            f"{k['stabilized_std_x1000']:.2f} ({100 * k['change']:+.1f}%)"
-        )
+    if kid:
+        lines.append(f"KID against {kid['frames']} Ghibli frames, {kid['samples']} output frames each")
     return "\n".join(lines)
 
 
@@ -251,8 +269,6 @@ def run_video(args: argparse.Namespace) -> int:
         raise ValueError("evaluate video needs the clip: evaluate video CLIP [--model SPEC]")
     if args.photos is not None:
         raise ValueError("--photos is for the photo evaluation; 'evaluate video' measures a clip")
-    if not 0.0 <= args.stability <= 1.0:
-        raise ValueError(f"--stability must be between 0 and 1, got {args.stability}")
     batch_size = 4 if args.batch_size is None else args.batch_size
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
@@ -272,12 +288,13 @@ def run_video(args: argparse.Namespace) -> int:
 
     # 2. one pass: flow on the input, stylize, stabilize, measure; keep crops for KID
     every = max(1, -(-total // 300))  # at most ~300 samples of each output for KID
-    samples: dict[str, list] = {"stylized": [], "stabilized": []}
+    samples: dict[str, list] = {"stylized": [], **{str(s): [] for s in args.stability}}
 
-    def keep(index: int, stylized, stabilized) -> None:
+    def keep(index: int, stylized, stabilized: dict) -> None:
         if frame_paths is not None and index % every == 0:
             samples["stylized"].append(center_crop_resize(Image.fromarray(stylized), args.size))
-            samples["stabilized"].append(center_crop_resize(Image.fromarray(stabilized), args.size))
+            for s, frame in stabilized.items():
+                samples[str(s)].append(center_crop_resize(Image.fromarray(frame), args.size))
 
     start = time.perf_counter()
     with FrameReader(info, size=size, start=args.start, end=args.end) as reader, \
@@ -286,7 +303,7 @@ def run_video(args: argparse.Namespace) -> int:
             reader, run_model, strength=args.stability, batch_size=batch_size, on_output=keep,
             progress=lambda n: bar.update(n - bar.n),
         )
-    result.update(width=size[0], height=size[1], stability=args.stability)
+    result.update(width=size[0], height=size[1])
 
     # 3. optional: KID of both outputs against real Ghibli frames (does stabilizing cost style?)
     if frame_paths is not None:
@@ -294,16 +311,20 @@ def run_video(args: argparse.Namespace) -> int:
 
         features = InceptionFeatures(device=args.device, batch_size=16)
         real = features(_load_cropped(frame_paths, args.size, "load frames"), progress=True, desc="frames")
-        kid_result = {"frames": len(frame_paths), "samples": len(samples["stylized"])}
-        for key in ("stylized", "stabilized"):
-            feats = features(samples[key], progress=True, desc=key)
+        kid_result: dict = {"frames": len(frame_paths), "samples": len(samples["stylized"]), "stabilized": {}}
+        for key, images in samples.items():
+            feats = features(images, progress=True, desc="stylized" if key == "stylized" else f"stabilized {key}")
             mean, std = kid(
                 feats, real, subsets=args.kid_subsets, subset_size=args.kid_subset_size,
                 generator=np.random.default_rng(args.seed),
             )
-            kid_result[f"{key}_x1000"], kid_result[f"{key}_std_x1000"] = 1000 * mean, 1000 * std
+            if key == "stylized":
+                kid_result["stylized_x1000"], kid_result["stylized_std_x1000"] = 1000 * mean, 1000 * std
+            else:
+                kid_result["stabilized"][key] = {"x1000": 1000 * mean, "std_x1000": 1000 * std}
         base = kid_result["stylized_x1000"]
-        kid_result["change"] = (kid_result["stabilized_x1000"] - base) / abs(base) if base else 0.0
+        for entry in kid_result["stabilized"].values():
+            entry["change"] = (entry["x1000"] - base) / abs(base) if base else 0.0
         result["kid"] = kid_result
     elapsed = time.perf_counter() - start
     print(format_video_table(result))
