@@ -239,8 +239,10 @@ class TemporalStabilizer:
             reliable (only occlusions and new content are taken from the new frame).
         flow: the :class:`FlowEstimator` (default settings when None).
         feather: Gaussian sigma in pixels of the mask's inner ramp.
-        max_residual: grey-level difference (0..255) of the warped previous input at which a
-            pixel gets no blending; the weight falls linearly from 1 at 0.
+        max_residual: grey-level difference (0..255) between the current input and the warped
+            previous input at which a pixel gets no blending: full weight up to half of it,
+            falling linearly to 0 at it. Small residuals are noise and flow imprecision (the
+            flicker to remove); large ones mean the flow does not explain the input there.
 
     Use: ``motion = stabilizer.analyze(prev_input, input)`` (may run in another thread, ahead),
     then ``out = stabilizer(stylized, motion)`` for frames in order (motion None for the first).
@@ -252,7 +254,7 @@ class TemporalStabilizer:
         strength: float = 0.5,
         flow: FlowEstimator | None = None,
         feather: float = 2.0,
-        max_residual: float = 40.0,
+        max_residual: float = 60.0,
     ):
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be between 0 and 1, got {strength}")
@@ -279,8 +281,8 @@ class TemporalStabilizer:
         """float32 ``(H, W)`` blending weights of the warped previous output, in ``[0, strength]``."""
         m = motion.reliable.astype(np.float32)
         if motion.residual is not None:
-            # 1 - residual / max_residual, floored at 0 (the residual is never negative)
-            m *= np.maximum(1.0 - motion.residual * (1.0 / self.max_residual), 0.0)
+            # 1 up to max_residual / 2, then linearly down to 0 at max_residual
+            m *= np.clip(2.0 - motion.residual * (2.0 / self.max_residual), 0.0, 1.0)
         if self.feather > 0:
             m *= cv2.GaussianBlur(m, (0, 0), self.feather)  # zero where unreliable, ramps up inside
         m *= self.strength
