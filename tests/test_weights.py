@@ -1,0 +1,35 @@
+"""The embedded defaults in weights/: each loads strictly, has a card, is small, and runs."""
+from __future__ import annotations
+
+import torch
+
+from ghibli_core import hub
+from ghibli_core.latent import render, seed_ws
+from ghibli_core.models import StyleGAN2Generator, read_config
+
+
+def test_every_embedded_model_loads_and_has_a_card():
+    names = hub.embedded_models()
+    assert hub.DEFAULT_MODEL in names and hub.DEFAULT_GAN in names
+    for name in names:
+        folder = hub.WEIGHTS_DIR / name
+        assert (folder / "README.md").read_text().strip(), name
+        assert (folder / "model.safetensors").stat().st_size < 20 * 2**20, name  # a few MB, fp16
+        model = hub.load(name)
+        assert model.model_type == read_config(folder)["model_type"]
+
+
+def test_the_photo_default_translates():
+    G = hub.load(hub.DEFAULT_MODEL)
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        y = G(x)
+    assert y.shape == x.shape and torch.isfinite(y).all() and not torch.allclose(y, x, atol=0.05)
+
+
+def test_the_gan_default_renders_distinct_images():
+    G = hub.load(hub.DEFAULT_GAN)
+    assert isinstance(G, StyleGAN2Generator)
+    images = render(G, seed_ws(G, [1, 2]))
+    assert images.shape == (2, 3, G.resolution, G.resolution) and torch.isfinite(images).all()
+    assert (images[0] - images[1]).abs().mean() > 0.01
