@@ -49,6 +49,17 @@ _EXPORTS = {
     "parse_where": "ghibli_core.data.manifest",
     "select_paths": "ghibli_core.data.manifest",
     "select_images": "ghibli_core.data.datasets",
+    # video
+    "stylize_video": "ghibli_core.video",
+    "probe": "ghibli_core.video",
+    "VideoInfo": "ghibli_core.video",
+    "VideoLimits": "ghibli_core.video",
+    "VideoError": "ghibli_core.video",
+    "VideoResult": "ghibli_core.video",
+    "FrameReader": "ghibli_core.video",
+    "VideoWriter": "ghibli_core.video",
+    "TemporalStabilizer": "ghibli_core.temporal",
+    "warping_error": "ghibli_core.temporal",
     # latent space
     "DEFAULT_GAN": "ghibli_core.hub",
     "project": "ghibli_core.latent",
