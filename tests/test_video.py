@@ -380,8 +380,10 @@ def test_a_model_returning_the_wrong_shape_is_an_error(clips, tmp_path):
 
 
 def test_memory_is_flat_in_clip_length(tmp_path):
-    short = make_clip(tmp_path / "short.mp4", size=(160, 120), rate=25, seconds=1)
-    long = make_clip(tmp_path / "long.mp4", size=(160, 120), rate=25, seconds=6)
+    warm = make_clip(tmp_path / "warm.mp4", size=(160, 120), rate=25, seconds=1)
+    short = make_clip(tmp_path / "short.mp4", size=(160, 120), rate=25, seconds=2)
+    long = make_clip(tmp_path / "long.mp4", size=(160, 120), rate=25, seconds=12)
+    stylize_video(warm, tmp_path / "warm_out.mp4", identity, height=None, batch_size=4)  # one-time allocations
     peaks = []
     for src in (short, long):
         out = tmp_path / f"{src.stem}_out.mp4"
@@ -391,10 +393,12 @@ def test_memory_is_flat_in_clip_length(tmp_path):
             peaks.append(tracemalloc.get_traced_memory()[1])
         finally:
             tracemalloc.stop()
-        assert result.frames in (25, 150)
+        assert result.frames in (50, 300)
     frame = 160 * 120 * 3
-    # 6x the frames, about the same peak: only the queues' few frames are alive at once
-    assert peaks[1] < 1.25 * peaks[0] + 4 * frame, peaks
+    # 6x the frames (250 more), about the same peak: only the queues' few frames are alive at
+    # once. The margin absorbs thread-timing jitter (a few more frames in flight on a loaded
+    # machine); keeping even one frame per frame would add 250 frames (14 MB) and fail.
+    assert peaks[1] < 1.5 * peaks[0] + 16 * frame, peaks
 
 
 # -- the command --------------------------------------------------------------------------------
