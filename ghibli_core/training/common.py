@@ -16,7 +16,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -251,3 +251,39 @@ class JsonlLog:
         record.setdefault("time", time.time())
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def open_run_folder(cfg, arch_fields: Sequence[str], accelerator: Accelerator, *, resume: bool) -> None:
+    """Create ``cfg.out`` and write ``train_config.json`` (``cfg.to_json()``), on the main process.
+
+    On ``resume`` the saved config's network settings (``arch_fields``) must match ``cfg``'s;
+    without it, a folder that already holds checkpoints is refused rather than overwritten.
+    """
+    out = Path(cfg.out)
+    config_path = out / "train_config.json"
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and config_path.exists():
+            old = json.loads(config_path.read_text())
+            changed = [k for k in arch_fields if old.get(k) != getattr(cfg, k)]
+            if changed:
+                raise ValueError(
+                    f"--resume with different network settings than {config_path}: "
+                    + ", ".join(f"{k} {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+                )
+        elif not resume and list_checkpoints(out / "checkpoints"):
+            raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+        config_path.write_text(cfg.to_json())
+    accelerator.wait_for_everyone()
+
+
+def export_network(net: nn.Module, folder: Path, *, extra: Callable[[Path], None] | None = None) -> None:
+    """``save_pretrained`` (fp32) via a temp folder, so a crash never leaves half a checkpoint;
+    ``extra(tmp_folder)`` may add files (sample grids) before the folder takes its name."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    net.save_pretrained(tmp)
+    if extra is not None:
+        extra(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)

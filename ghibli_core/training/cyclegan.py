@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,8 @@ from .common import (
     linear_decay,
     list_checkpoints,
     make_accelerator,
+    open_run_folder,
+    export_network,
     parameters_in_sync,
     save_checkpoint,
     save_grid,
@@ -126,16 +127,6 @@ def build_generator(cfg: CycleGANConfig):
     return UnetGenerator(width=cfg.width, n_downs=cfg.n_downs)
 
 
-def _check_resume_config(cfg: CycleGANConfig, path: Path) -> None:
-    old = json.loads(path.read_text())
-    changed = [k for k in ARCH_FIELDS if old.get(k) != getattr(cfg, k)]
-    if changed:
-        raise ValueError(
-            f"--resume with different network settings than {path}: "
-            + ", ".join(f"{k} {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
-        )
-
-
 def train_cyclegan(
     cfg: CycleGANConfig,
     *,
@@ -156,15 +147,7 @@ def train_cyclegan(
     accelerator = make_accelerator(cfg.mixed_precision, cpu=cpu)
     main = accelerator.is_main_process
     ckpt_dir = out / "checkpoints"
-    config_path = out / "train_config.json"
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume and config_path.exists():
-            _check_resume_config(cfg, config_path)
-        elif not resume and list_checkpoints(ckpt_dir):
-            raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
-        config_path.write_text(cfg.to_json())
-    accelerator.wait_for_everyone()
+    open_run_folder(cfg, ARCH_FIELDS, accelerator, resume=resume)
 
     # 1. Build everything after set_seed, identically on every process.
     set_seed(cfg.seed)
@@ -291,7 +274,7 @@ def train_cyclegan(
             log.write(step=step, in_sync=True, processes=accelerator.num_processes)
             save_checkpoint(accelerator, ckpt_dir, step, keep=cfg.keep_checkpoints)
             if main:
-                _export(ema.model if ema else G_A, out / "generator")
+                export_network(ema.model if ema else G_A, out / "generator")
         if evaluator is not None and main and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             scores = evaluator(_eval_copy(ema.model if ema else G_A))
             log.write(step=step, **scores)
@@ -300,7 +283,7 @@ def train_cyclegan(
             best_file = out / "generator-best" / "scores.json"
             kid = scores.get("kid_x1000")
             if kid is not None and (not best_file.exists() or kid < json.loads(best_file.read_text())["kid_x1000"]):
-                _export(ema.model if ema else G_A, out / "generator-best")
+                export_network(ema.model if ema else G_A, out / "generator-best")
                 best_file.write_text(json.dumps({"step": step, **scores}, indent=2))
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
 
@@ -338,12 +321,3 @@ def _write_samples(G_A, G_B, fixed: torch.Tensor, path: Path) -> None:
 
 def _eval_copy(G):
     return copy.deepcopy(G).float().eval()
-
-
-def _export(G, folder: Path) -> None:
-    """Write the shipping generator (fp32) via a temp folder, so a crash never leaves half a checkpoint."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    G.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)

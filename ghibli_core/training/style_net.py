@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,8 @@ from .common import (
     average_gradients,
     list_checkpoints,
     make_accelerator,
+    open_run_folder,
+    export_network,
     parameters_in_sync,
     save_checkpoint,
     save_grid,
@@ -182,18 +183,7 @@ def train_style_net(
     accelerator = make_accelerator(cfg.mixed_precision, cpu=cpu)
     main = accelerator.is_main_process
     ckpt_dir = out / "checkpoints"
-    config_path = out / "train_config.json"
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume and config_path.exists():
-            old = json.loads(config_path.read_text())
-            changed = [k for k in ARCH_FIELDS if old.get(k) != getattr(cfg, k)]
-            if changed:
-                raise ValueError(f"--resume with different network settings than {config_path}: {changed}")
-        elif not resume and list_checkpoints(ckpt_dir):
-            raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
-        config_path.write_text(cfg.to_json())
-    accelerator.wait_for_everyone()
+    open_run_folder(cfg, ARCH_FIELDS, accelerator, resume=resume)
 
     # 1. Build after set_seed, identically on every process.
     set_seed(cfg.seed)
@@ -295,17 +285,9 @@ def train_style_net(
                 raise RuntimeError(f"processes diverged at step {step}: their parameters differ")
             save_checkpoint(accelerator, ckpt_dir, step, keep=cfg.keep_checkpoints)
             if main:
-                _export(net, out / "generator")
+                export_network(net, out / "generator")
 
     bar.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out / "generator"
-
-
-def _export(net: StyleNet, folder: Path) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    net.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)

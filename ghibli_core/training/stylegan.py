@@ -43,7 +43,6 @@ import copy
 import dataclasses
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +66,9 @@ from .common import (
     TrainState,
     average_gradients,
     list_checkpoints,
+    export_network,
     make_accelerator,
+    open_run_folder,
     parameters_in_sync,
     save_checkpoint,
     save_grid,
@@ -319,16 +320,6 @@ class GeneratorEvaluator:
         }
 
 
-def _check_resume_config(cfg: StyleGANConfig, path: Path) -> None:
-    old = json.loads(path.read_text())
-    changed = [k for k in ARCH_FIELDS if old.get(k) != getattr(cfg, k)]
-    if changed:
-        raise ValueError(
-            f"--resume with different network settings than {path}: "
-            + ", ".join(f"{k} {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
-        )
-
-
 def _load_init(net: torch.nn.Module, init: torch.nn.Module, what: str, spec: str | None) -> None:
     own, theirs = net.state_dict(), init.state_dict()
     bad = sorted(set(own) ^ set(theirs)) + sorted(k for k in own.keys() & theirs.keys() if own[k].shape != theirs[k].shape)
@@ -365,15 +356,7 @@ def train_stylegan(
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     ckpt_dir = out / "checkpoints"
-    config_path = out / "train_config.json"
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume and config_path.exists():
-            _check_resume_config(cfg, config_path)
-        elif not resume and list_checkpoints(ckpt_dir):
-            raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
-        config_path.write_text(cfg.to_json())
-    accelerator.wait_for_everyone()
+    open_run_folder(cfg, ARCH_FIELDS, accelerator, resume=resume)
 
     # 1. Build everything after set_seed, identically on every process.
     set_seed(cfg.seed)
@@ -600,11 +583,6 @@ def _eval_copy(G):
 
 
 def _export(net, folder: Path, *, samples: torch.Tensor | None = None) -> None:
-    """Write a shipping network (fp32) via a temp folder, so a crash never leaves half a checkpoint."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    net.save_pretrained(tmp)
-    if samples is not None:
-        _write_samples(net, samples, tmp / "samples.png")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    """Write a shipping network (fp32) with a grid of ``samples`` beside it, atomically."""
+    extra = None if samples is None else (lambda tmp: _write_samples(net, samples, tmp / "samples.png"))
+    export_network(net, folder, extra=extra)
