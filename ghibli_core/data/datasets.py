@@ -171,3 +171,41 @@ class StepBatches(torch.utils.data.Sampler):
         for step in range(self.start, self.stop):
             base = (step * self.world + self.rank) * self.batch_size
             yield list(range(base, base + self.batch_size))
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed mixing integers (no Python ``hash``: it differs between processes)."""
+    state = np.random.SeedSequence([int(p) & 0xFFFF_FFFF for p in parts]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class SquareCrops(torch.utils.data.Dataset):
+    """Sample ``k`` -> a square crop (random or central, maybe flipped), fixed by ``(seed, k)``.
+
+    Walks the images in a fresh seeded permutation each epoch. Returns ``(3, size, size)``
+    float32 in [-1, 1].
+    """
+
+    def __init__(self, images: ImageSet, *, size: int, seed: int, mirror: bool = True, center: bool = False):
+        self.images, self.size, self.seed, self.mirror, self.center = images, size, seed, mirror, center
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        n = len(self.images)
+        epoch = k // n
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 101))
+            self._perm = (epoch, torch.randperm(n, generator=g))
+        img = self.images[int(self._perm[1][k % n])]
+        g = torch.Generator().manual_seed(mix_seed(self.seed, k, 102))
+        if not self.center:
+            return random_crop(img, self.size, g, flip=self.mirror)
+        h, w = img.shape[:2]
+        top, left = (h - self.size) // 2, (w - self.size) // 2
+        patch = img[top : top + self.size, left : left + self.size]
+        if self.mirror and bool(torch.rand((), generator=g) < 0.5):
+            patch = patch[:, ::-1]
+        return to_tensor(np.ascontiguousarray(patch))[0]

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ..data.datasets import ImageSet, StepBatches, random_crop, resize_short_side, select_images
+from ..data.datasets import ImageSet, SquareCrops, StepBatches, resize_short_side, select_images
 from ..imaging import center_crop_resize, load_image, to_tensor
 from ..models.perceptual import VGGFeatures, gram_matrix
 from ..models.style_net import StyleNet, init_style_net
@@ -121,26 +121,6 @@ class StyleNetConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
-class PhotoCrops(torch.utils.data.Dataset):
-    """Sample ``k`` -> a random crop (and flip) of a photo, fixed by ``(seed, k)`` for exact resume."""
-
-    def __init__(self, images: ImageSet, *, crop_size: int, seed: int):
-        self.images, self.crop_size, self.seed = images, crop_size, seed
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, k: int) -> torch.Tensor:
-        n = len(self.images)
-        epoch = k // n
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed((self.seed * 7_919_001 + epoch * 104_729 + 29) & 0x7FFF_FFFF_FFFF)
-            self._perm = (epoch, torch.randperm(n, generator=g))
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + k) & 0x7FFF_FFFF_FFFF)
-        return random_crop(self.images[int(self._perm[1][k % n])], self.crop_size, g)  # (3, s, s) in [-1, 1]
-
-
 def style_targets(vgg: VGGFeatures, styles: list[torch.Tensor], layers: list[str]) -> dict[str, torch.Tensor]:
     """Mean Gram matrix per layer over the style images (each ``(1, 3, H, W)`` in [-1, 1])."""
     grams: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
@@ -210,7 +190,7 @@ def train_style_net(
     # 2. Data and fixed targets.
     paths = select_images(cfg.photos, include=cfg.include, exclude=cfg.exclude)
     images = ImageSet(paths, load_size=cfg.image_size, preload=cfg.preload, progress=progress and main)
-    dataset = PhotoCrops(images, crop_size=cfg.image_size, seed=cfg.seed)
+    dataset = SquareCrops(images, size=cfg.image_size, seed=cfg.seed)
     stop = cfg.steps if stop_after is None else min(cfg.steps, state.step + stop_after)
     sampler = StepBatches(start=state.step, stop=stop, batch_size=cfg.batch_size,
                           rank=accelerator.process_index, world=accelerator.num_processes)

@@ -56,8 +56,9 @@ from accelerate.utils import set_seed
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data.datasets import ImageSet, StepBatches, random_crop, select_images
-from ..imaging import center_crop_resize, to_tensor
+from ..data.datasets import ImageSet, SquareCrops, StepBatches, select_images
+from ..data.datasets import mix_seed as _seed
+from ..imaging import center_crop_resize
 from ..models.stylegan import StyleGAN2Discriminator, StyleGAN2Generator
 from .augment import POLICIES, AdaptiveAugment
 from .common import (
@@ -186,44 +187,6 @@ class StyleGANConfig:
     def discriminator_kwargs(self) -> dict:
         return dict(resolution=self.resolution, channel_base=self.d_channel_base, channel_max=self.d_channel_max,
                     mbstd_group=self.mbstd_group)
-
-
-class SquareCrops(torch.utils.data.Dataset):
-    """Sample ``k`` -> a square crop (random or central, maybe flipped), fixed by ``(seed, k)``.
-
-    Walks the images in a fresh seeded permutation each epoch. Returns ``(3, size, size)``
-    float32 in [-1, 1].
-    """
-
-    def __init__(self, images: ImageSet, *, size: int, seed: int, mirror: bool = True, center: bool = False):
-        self.images, self.size, self.seed, self.mirror, self.center = images, size, seed, mirror, center
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, k: int) -> torch.Tensor:
-        n = len(self.images)
-        epoch = k // n
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(_seed(self.seed, epoch, 101))
-            self._perm = (epoch, torch.randperm(n, generator=g))
-        img = self.images[int(self._perm[1][k % n])]
-        g = torch.Generator().manual_seed(_seed(self.seed, k, 102))
-        if not self.center:
-            return random_crop(img, self.size, g, flip=self.mirror)
-        h, w = img.shape[:2]
-        top, left = (h - self.size) // 2, (w - self.size) // 2
-        patch = img[top : top + self.size, left : left + self.size]
-        if self.mirror and bool(torch.rand((), generator=g) < 0.5):
-            patch = patch[:, ::-1]
-        return to_tensor(np.ascontiguousarray(patch))[0]
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed mixing integers (no Python ``hash``: it differs between processes)."""
-    state = np.random.SeedSequence([int(p) & 0xFFFF_FFFF for p in parts]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def _step_generator(seed: int, step: int, rank: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
