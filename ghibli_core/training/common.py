@@ -287,3 +287,12 @@ def export_network(net: nn.Module, folder: Path, *, extra: Callable[[Path], None
         extra(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+
+
+def load_latest_checkpoint(accelerator: Accelerator, folder: Path) -> Path:
+    """``load_state`` from the newest complete checkpoint in ``folder``; returns its path."""
+    found = list_checkpoints(folder)
+    if not found:
+        raise ValueError(f"--resume: no complete checkpoint in {folder}")
+    accelerator.load_state(str(found[-1][1]))
+    return found[-1][1]

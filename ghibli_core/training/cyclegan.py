@@ -40,7 +40,7 @@ from .common import (
     TrainState,
     average_gradients,
     linear_decay,
-    list_checkpoints,
+    load_latest_checkpoint,
     make_accelerator,
     open_run_folder,
     export_network,
@@ -178,12 +178,9 @@ def train_cyclegan(
         accelerator.register_for_checkpointing(ema)
 
     if resume:
-        found = list_checkpoints(ckpt_dir)
-        if not found:
-            raise ValueError(f"--resume: no complete checkpoint in {ckpt_dir}")
-        accelerator.load_state(str(found[-1][1]))
+        latest = load_latest_checkpoint(accelerator, ckpt_dir)
         if main:
-            print(f"resumed from {found[-1][1]} at step {state.step}")
+            print(f"resumed from {latest} at step {state.step}")
 
     # 2. Data: every sample index maps to fixed crops, so resuming continues the same stream.
     paths_a = select_images(cfg.domain_a, include=cfg.include_a, exclude=cfg.exclude_a, where=cfg.where_a)

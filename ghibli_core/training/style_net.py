@@ -47,7 +47,7 @@ from .common import (
     JsonlLog,
     TrainState,
     average_gradients,
-    list_checkpoints,
+    load_latest_checkpoint,
     make_accelerator,
     open_run_folder,
     export_network,
@@ -180,12 +180,9 @@ def train_style_net(
     for obj in (net, state):
         accelerator.register_for_checkpointing(obj)
     if resume:
-        found = list_checkpoints(ckpt_dir)
-        if not found:
-            raise ValueError(f"--resume: no complete checkpoint in {ckpt_dir}")
-        accelerator.load_state(str(found[-1][1]))
+        latest = load_latest_checkpoint(accelerator, ckpt_dir)
         if main:
-            print(f"resumed from {found[-1][1]} at step {state.step}")
+            print(f"resumed from {latest} at step {state.step}")
 
     # 2. Data and fixed targets.
     paths = select_images(cfg.photos, include=cfg.include, exclude=cfg.exclude)

@@ -66,7 +66,7 @@ from .common import (
     JsonlLog,
     TrainState,
     average_gradients,
-    list_checkpoints,
+    load_latest_checkpoint,
     export_network,
     make_accelerator,
     open_run_folder,
@@ -346,12 +346,9 @@ def train_stylegan(
     for obj in (G, D, ema, augment, state):
         accelerator.register_for_checkpointing(obj)
     if resume:
-        found = list_checkpoints(ckpt_dir)
-        if not found:
-            raise ValueError(f"--resume: no complete checkpoint in {ckpt_dir}")
-        accelerator.load_state(str(found[-1][1]))
+        latest = load_latest_checkpoint(accelerator, ckpt_dir)
         if main:
-            print(f"resumed from {found[-1][1]} at step {state.step} (augmentation p {augment.p:.4f})")
+            print(f"resumed from {latest} at step {state.step} (augmentation p {augment.p:.4f})")
     g_params, d_params = list(G.parameters()), list(D.parameters())
 
     # 2. Data: sample k is a fixed crop, so a resumed run continues the same stream.
