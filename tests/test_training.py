@@ -116,6 +116,21 @@ def test_refuses_to_clobber_or_change_architecture(domains, tmp_path):
         train_cyclegan(_cfg(domains, out, steps=6, width=8), progress=False, resume=True)
 
 
+def test_init_a_starts_from_a_trained_generator(domains, tmp_path):
+    first = train_cyclegan(_cfg(domains, tmp_path / "first", steps=3, decay_steps=0), progress=False)
+    # lr 0: G_A never moves, so the export is exactly where --init-a started it
+    cont = train_cyclegan(_cfg(domains, tmp_path / "cont", steps=2, decay_steps=0, lr=0.0, init_a=str(first)), progress=False)
+    fresh = train_cyclegan(_cfg(domains, tmp_path / "fresh", steps=2, decay_steps=0, lr=0.0), progress=False)
+    a, b, c = _weights(first), _weights(cont), _weights(fresh)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+    assert any(not torch.allclose(c[k], a[k]) for k in a)  # without it, the start differs
+    # a generator of another shape is refused with the reason
+    with pytest.raises(ValueError, match="--init-a .* does not fit"):
+        train_cyclegan(_cfg(domains, tmp_path / "bad", steps=2, decay_steps=0, width=8, init_a=str(first)), progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_filters_that_leave_nothing_are_an_error(domains, tmp_path):
     with pytest.raises(ValueError, match="no images left"):
         train_cyclegan(_cfg(domains, tmp_path / "run", exclude_b=["*"]), progress=False)

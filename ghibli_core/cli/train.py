@@ -32,6 +32,9 @@ def _add_cyclegan(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-blocks", type=int, default=d["n_blocks"], help="ResNet blocks (6 or 9)")
     g.add_argument("--n-downs", type=int, default=d["n_downs"], help="U-Net downsamplings (8 for 256 px)")
     g.add_argument("--upsample", choices=["transpose", "resize"], default=d["upsample"])
+    g.add_argument("--init-a", metavar="SPEC", default=None,
+                   help="start the photo->Ghibli generator from this trained one (embedded name, folder or "
+                        "owner/name[@rev]; same architecture), e.g. to continue the shipped default")
     g.add_argument("--disc-width", type=int, default=d["disc_width"])
     g.add_argument("--disc-layers", type=int, default=d["disc_layers"])
     g = p.add_argument_group("data")
@@ -75,7 +78,7 @@ def _run_cyclegan(args: argparse.Namespace) -> int:
         include_a=args.include_a, exclude_a=args.exclude_a, include_b=args.include_b, exclude_b=args.exclude_b,
         where_a=args.where_a, where_b=args.where_b,
         generator=args.generator, width=args.width, n_blocks=args.n_blocks, n_downs=args.n_downs,
-        upsample=args.upsample, disc_width=args.disc_width, disc_layers=args.disc_layers,
+        upsample=args.upsample, init_a=args.init_a, disc_width=args.disc_width, disc_layers=args.disc_layers,
         load_size=args.load_size, crop_size=args.crop_size, batch_size=args.batch_size, preload=not args.no_preload,
         steps=args.steps, decay_steps=args.steps // 2 if args.decay_steps is None else args.decay_steps,
         lr=args.lr, lambda_cycle=args.lambda_cycle, lambda_identity=args.lambda_identity,

@@ -82,6 +82,10 @@ class CycleGANConfig:
     upsample: str = "transpose"
     disc_width: int = 64
     disc_layers: int = 3
+    # Start G_A (photo -> Ghibli) from a trained generator (a model spec: embedded name, folder
+    # or Hub repo) instead of random weights, e.g. to continue the shipped default in a new run.
+    # G_B and the discriminators start fresh. Ignored on resume (the checkpoint wins).
+    init_a: str | None = None
     # data
     load_size: int = 286
     crop_size: int = 256
@@ -147,7 +151,6 @@ def train_cyclegan(
     accelerator = make_accelerator(cfg.mixed_precision, cpu=cpu)
     main = accelerator.is_main_process
     ckpt_dir = out / "checkpoints"
-    open_run_folder(cfg, ARCH_FIELDS, accelerator, resume=resume)
 
     # 1. Build everything after set_seed, identically on every process.
     set_seed(cfg.seed)
@@ -157,6 +160,10 @@ def train_cyclegan(
     D_B = PatchDiscriminator(width=cfg.disc_width, n_layers=cfg.disc_layers)  # judges domain A
     for net in (G_A, G_B, D_A, D_B):
         init_weights(net)
+    if cfg.init_a and not resume:
+        _load_init(G_A, cfg)  # before the run folder exists, so a bad --init-a leaves nothing
+    open_run_folder(cfg, ARCH_FIELDS, accelerator, resume=resume)
+    for net in (G_A, G_B, D_A, D_B):
         net.to(device).train()
     ema = EMA(G_A, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     gen_params = list(G_A.parameters()) + list(G_B.parameters())
@@ -288,6 +295,27 @@ def train_cyclegan(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out / "generator"
+
+
+def _load_init(G: torch.nn.Module, cfg: CycleGANConfig) -> None:
+    """Copy the weights of the generator ``cfg.init_a`` names into ``G`` (same architecture)."""
+    from ..hub import load
+
+    src = load(cfg.init_a)
+    theirs, ours = dict(src._hub_mixin_config or {}), dict(G._hub_mixin_config or {})
+    problem = None
+    if type(src) is not type(G) or {k: theirs.get(k) for k in ours} != ours:
+        problem = f"it is {type(src).__name__} {theirs}, this run builds {type(G).__name__} {ours}"
+    else:
+        try:
+            G.load_state_dict({k: v.float() for k, v in src.state_dict().items()}, strict=True)
+        except RuntimeError as exc:
+            problem = str(exc).splitlines()[0]
+    if problem:
+        raise ValueError(
+            f"--init-a {cfg.init_a} does not fit this run's generator ({problem}); "
+            "set --generator/--width/--n-blocks/--upsample to match it"
+        )
 
 
 def _center(img, size: int) -> torch.Tensor:
