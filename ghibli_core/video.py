@@ -280,7 +280,8 @@ def _snap_rate(rate: Fraction, tolerance: float = 1e-4) -> Fraction:
     best = min((c for c in candidates if c > 0), key=lambda c: abs(rate - c), default=None)
     if best is not None and abs(rate - best) <= tolerance * best:
         return best
-    return rate.limit_denominator(1001)
+    # below 1/1001 fps (a frame every 17 minutes) the nearest such fraction is 0: keep the rate
+    return rate.limit_denominator(1001) or rate
 
 
 def _header_rate(rest: str) -> Fraction | None:
