@@ -148,9 +148,10 @@ def test_gram_matrix_and_style_targets():
 
 
 # -- the network -------------------------------------------------------------------------------
-def test_style_net_round_trip_and_stylizer(tmp_path):
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_style_net_round_trip_and_stylizer(tmp_path, shuffle):
     torch.manual_seed(0)
-    net = StyleNet(width=4, n_blocks=1)
+    net = StyleNet(width=4, n_blocks=1, kernel=3 if shuffle else 9, shuffle=shuffle)
     for p in net.parameters():  # leave the init: make the output depend on the input
         p.data.normal_(0, 0.3)
     assert MODELS["style-net"] is StyleNet
@@ -166,6 +167,30 @@ def test_style_net_round_trip_and_stylizer(tmp_path):
     plain = np.asarray(Stylizer(net, precision="fp32", fuse=False, channels_last=False).stylize_images([img])[0]).astype(int)
     assert fast.shape == (37, 51, 3)
     assert np.abs(fast - plain).max() <= 1
+
+
+def test_fast_preset_has_no_full_resolution_convolution():
+    from ghibli_core.models.style_net import PRESETS
+
+    net = StyleNet(**PRESETS["fast"]).eval()
+    seen = []
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[-2:]))
+    x = torch.rand(1, 3, 64, 96) * 2 - 1
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape == x.shape and y.abs().max() <= 1
+    assert seen and all(h <= 32 + 2 and w <= 48 + 2 for h, w in seen)  # half size, plus padding
+    # the paper's layout does convolve at full size
+    seen.clear()
+    slim = StyleNet(**PRESETS["slim"]).eval()
+    for m in slim.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[-2:]))
+    with torch.no_grad():
+        slim(x)
+    assert max(h for h, _ in seen) >= 64
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -247,7 +272,28 @@ def test_distillation_learns_the_teacher(data, tmp_path):
         train_style_net(cfg, data, progress=False)  # the config names a teacher, none passed
 
 
+def test_pure_distillation_never_runs_the_vgg(data, tmp_path):
+    calls = []
+    data.register_forward_hook(lambda *a: calls.append(1))
+    cfg = _cfg(tmp_path, tmp_path / "d", style=[], teacher="invert", steps=3, content_weight=0.0, load_size=40,
+               width=4, n_blocks=1, kernel=3, shuffle=True)
+    gen = train_style_net(cfg, data, teacher=_Invert(), progress=False)
+    assert calls == []
+    assert load_model(gen)._hub_mixin_config["shuffle"] is True
+    # with a content term it does
+    cfg = _cfg(tmp_path, tmp_path / "e", style=[], teacher="invert", steps=1, content_weight=1.0)
+    train_style_net(cfg, data, teacher=_Invert(), progress=False)
+    assert calls
+
+
+class _Invert(torch.nn.Module):
+    def forward(self, x):
+        return -x
+
+
 def test_config_errors():
+    with pytest.raises(ValueError, match="load_size"):
+        StyleNetConfig(photos=["p"], style=["s"], vgg="v", out="o", image_size=64, load_size=32)
     with pytest.raises(ValueError, match="style image, or a teacher"):
         StyleNetConfig(photos=["p"], style=[], vgg="v", out="o")
     with pytest.raises(ValueError, match="multiple of 4"):

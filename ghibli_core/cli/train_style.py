@@ -34,11 +34,16 @@ def add_style_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", nargs="*", default=[], metavar="GLOB", help="drop photos matching")
     g = p.add_argument_group("network")
     g.add_argument("--preset", choices=sorted(PRESETS), default="johnson",
-                   help="johnson: width 32, 5 blocks (the paper); slim: width 16, 3 blocks (fast on CPU)")
+                   help="johnson: width 32, 5 blocks (the paper); slim: width 16, 3 blocks (fast on CPU); "
+                        "fast: width 12, 3 blocks, 3x3 stem/head at half resolution through pixel (un)shuffle "
+                        "(for video on a CPU)")
     g.add_argument("--width", type=int, default=None, help="override the preset's width")
     g.add_argument("--n-blocks", type=int, default=None, help="override the preset's residual blocks")
     g = p.add_argument_group("data")
     g.add_argument("--image-size", type=int, default=d["image_size"], help="training crop size")
+    g.add_argument("--load-size", type=int, default=None,
+                   help="short side photos are resized to before cropping (default: --image-size); "
+                        "larger trains at the scale of bigger inputs, e.g. 480 for 480p video")
     g.add_argument("--style-size", type=int, default=d["style_size"], help="short side of the style images")
     g.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process")
     g = p.add_argument_group("loss")
@@ -80,7 +85,7 @@ def run_style(args: argparse.Namespace) -> int:
     extra = {} if args.style_layers is None else {"style_layers": args.style_layers}
     cfg = StyleNetConfig(
         photos=args.photos, style=args.style, vgg=str(args.vgg), out=args.out, include=args.include,
-        exclude=args.exclude, teacher=args.teacher, **preset, image_size=args.image_size, style_size=args.style_size,
+        exclude=args.exclude, teacher=args.teacher, **preset, image_size=args.image_size, load_size=args.load_size, style_size=args.style_size,
         batch_size=args.batch_size, content_weight=args.content_weight, style_weight=args.style_weight,
         tv_weight=args.tv_weight, teacher_weight=args.teacher_weight, content_layer=args.content_layer,
         steps=args.steps, lr=args.lr, mixed_precision=args.mixed_precision, seed=args.seed,

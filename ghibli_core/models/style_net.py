@@ -22,6 +22,9 @@ from .cyclegan import InstanceNorm, _check_input
 PRESETS = {
     "johnson": {"width": 32, "n_blocks": 5},
     "slim": {"width": 16, "n_blocks": 3},
+    # For video on a CPU: no convolution at full resolution (pixel unshuffle in, pixel shuffle
+    # out), 3x3 stem and head. About 2-3x the speed of "slim" at 480p.
+    "fast": {"width": 12, "n_blocks": 3, "kernel": 3, "shuffle": True},
 }
 
 
@@ -45,17 +48,26 @@ class StyleNet(HubModel):
         width: filters of the stem (32 in the paper; the bottleneck has 4x as many).
         n_blocks: residual blocks at 1/4 resolution (5 in the paper).
         kernel: size of the stem and head convolutions (9 in the paper).
+        shuffle: the stem starts with a 2x2 pixel unshuffle and the head ends with a pixel
+            shuffle, so stem and head run at half resolution with ``2 * width`` filters and
+            there is one stride-2 downsampling instead of two. Full-resolution convolutions
+            dominate the paper's layout on a CPU (they are memory-bound); this removes them.
     """
 
     stride = 4
 
-    def __init__(self, *, width: int = 32, n_blocks: int = 5, kernel: int = 9):
+    def __init__(self, *, width: int = 32, n_blocks: int = 5, kernel: int = 9, shuffle: bool = False):
         super().__init__()
         if width < 1 or n_blocks < 0 or kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"need width >= 1, n_blocks >= 0 and an odd kernel, got {width}, {n_blocks}, {kernel}")
         w, pad = width, kernel // 2
+        # with shuffle, the stem outputs 2w channels at 1/2 resolution, where the paper's first
+        # downsampling would have put them
+        first = 1 if shuffle else 0
+        stem_in, stem_out = (12, 2 * w) if shuffle else (3, w)
         self.stem = nn.Sequential(
-            nn.ReflectionPad2d(pad), nn.Conv2d(3, w, kernel), InstanceNorm(w, affine=True), nn.ReLU(True)
+            *([nn.PixelUnshuffle(2)] if shuffle else []),
+            nn.ReflectionPad2d(pad), nn.Conv2d(stem_in, stem_out, kernel), InstanceNorm(stem_out, affine=True), nn.ReLU(True),
         )
         self.down = nn.Sequential(
             *[
@@ -65,7 +77,7 @@ class StyleNet(HubModel):
                     InstanceNorm(w * 2 ** (i + 1), affine=True),
                     nn.ReLU(True),
                 )
-                for i in range(2)
+                for i in range(first, 2)
             ]
         )
         self.blocks = nn.Sequential(*[_Residual(w * 4) for _ in range(n_blocks)])
@@ -78,10 +90,15 @@ class StyleNet(HubModel):
                     InstanceNorm(w * 2 ** (i - 1), affine=True),
                     nn.ReLU(True),
                 )
-                for i in (2, 1)
+                for i in ((2,) if shuffle else (2, 1))
             ]
         )
-        self.head = nn.Sequential(nn.ReflectionPad2d(pad), nn.Conv2d(w, 3, kernel), nn.Tanh())
+        if shuffle:
+            self.head = nn.Sequential(
+                nn.ReflectionPad2d(pad), nn.Conv2d(2 * w, 12, kernel), nn.PixelShuffle(2), nn.Tanh()
+            )
+        else:
+            self.head = nn.Sequential(nn.ReflectionPad2d(pad), nn.Conv2d(w, 3, kernel), nn.Tanh())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (N, 3, H, W) in [-1, 1] -> (N, 3, H, W) in [-1, 1]

@@ -56,7 +56,7 @@ from .common import (
     save_grid,
 )
 
-ARCH_FIELDS = ("width", "n_blocks", "kernel")
+ARCH_FIELDS = ("width", "n_blocks", "kernel", "shuffle")
 
 
 @dataclass
@@ -80,8 +80,12 @@ class StyleNetConfig:
     width: int = 32
     n_blocks: int = 5
     kernel: int = 9
+    shuffle: bool = False
     # data
-    image_size: int = 256  # training crops; photos are resized so their short side is this first
+    image_size: int = 256  # training crops
+    # short side the photos are resized to before cropping (None: image_size, i.e. crops see
+    # nearly the whole photo). Larger values train at the scale of bigger inputs (video frames).
+    load_size: int | None = None
     style_size: int = 512  # style images: short side resized to this (texture scale)
     batch_size: int = 4
     preload: bool = True
@@ -111,6 +115,8 @@ class StyleNetConfig:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps} and {self.batch_size}")
         if self.image_size < 16 or self.image_size % StyleNet.stride:
             raise ValueError(f"image_size must be a multiple of {StyleNet.stride} and at least 16, got {self.image_size}")
+        if self.load_size is not None and self.load_size < self.image_size:
+            raise ValueError(f"load_size ({self.load_size}) must be at least image_size ({self.image_size})")
         for name in ("content_weight", "style_weight", "tv_weight", "teacher_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -155,7 +161,10 @@ def train_style_net(
     """
     if (teacher is None) != (cfg.teacher is None):
         raise ValueError("pass the teacher model exactly when cfg.teacher names one")
-    layers = [cfg.content_layer] + [l for l in cfg.style_layers if l != cfg.content_layer]
+    # VGG runs only as deep as the losses in use need (pure distillation needs no VGG at all)
+    use_style = bool(cfg.style) and cfg.style_weight > 0
+    wanted = ([cfg.content_layer] if cfg.content_weight > 0 else []) + (list(cfg.style_layers) if use_style else [])
+    layers = list(dict.fromkeys(wanted))
     unknown = [l for l in layers if l not in vgg.available]
     if unknown:
         raise ValueError(f"loss layers {unknown} are not in this VGG (it has {vgg.available[-1]} as its deepest layer)")
@@ -168,7 +177,7 @@ def train_style_net(
     # 1. Build after set_seed, identically on every process.
     set_seed(cfg.seed)
     device = accelerator.device
-    net = StyleNet(width=cfg.width, n_blocks=cfg.n_blocks, kernel=cfg.kernel)
+    net = StyleNet(width=cfg.width, n_blocks=cfg.n_blocks, kernel=cfg.kernel, shuffle=cfg.shuffle)
     init_style_net(net)
     net.to(device).train()
     vgg = vgg.to(device).eval()
@@ -186,14 +195,14 @@ def train_style_net(
 
     # 2. Data and fixed targets.
     paths = select_images(cfg.photos, include=cfg.include, exclude=cfg.exclude)
-    images = ImageSet(paths, load_size=cfg.image_size, preload=cfg.preload, progress=progress and main)
+    images = ImageSet(paths, load_size=cfg.load_size or cfg.image_size, preload=cfg.preload, progress=progress and main)
     dataset = SquareCrops(images, size=cfg.image_size, seed=cfg.seed)
     stop = cfg.steps if stop_after is None else min(cfg.steps, state.step + stop_after)
     sampler = StepBatches(start=state.step, stop=stop, batch_size=cfg.batch_size,
                           rank=accelerator.process_index, world=accelerator.num_processes)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0)
     targets: dict[str, torch.Tensor] = {}
-    if cfg.style and cfg.style_weight > 0:
+    if use_style:
         styles = [to_tensor(resize_short_side(load_image(p), cfg.style_size)).to(device) for p in cfg.style]
         targets = style_targets(vgg, styles, list(cfg.style_layers))
     if preview_images is None:
@@ -220,7 +229,7 @@ def train_style_net(
                 with torch.no_grad():
                     reference = teacher(x).clamp(-1, 1)
                 losses["teacher"] = F.l1_loss(y.float(), reference.float()) * cfg.teacher_weight
-            feats_y = vgg(y, layers)
+            feats_y = vgg(y, layers) if layers else {}
             if cfg.content_weight > 0:
                 with torch.no_grad():
                     feats_ref = vgg(reference, [cfg.content_layer])
