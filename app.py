@@ -59,6 +59,8 @@ DEFAULT_PORT = 7860
 # load_image then guards against small files that decode into huge images.
 MAX_FILE_SIZE = "50mb"
 HEAVY = "heavy"  # concurrency_id shared by every event that runs a network
+# Gradio's copies of uploads and results older than this are deleted, checked this often.
+CACHE_S = 3600
 # Video caps for a free CPU Space (2 vCPU): 30 s and 900 frames at most per job (trim longer
 # clips), input frames up to 4K (decoding cost); checked before anything is decoded.
 VIDEO_LIMITS = VideoLimits(max_seconds=30.0, max_pixels=3840 * 2160, max_frames=900)
@@ -240,6 +242,11 @@ class OutputFolder:
             folder = self._root / uuid.uuid4().hex
             folder.mkdir()
         return folder / name
+
+    @property
+    def root(self) -> Path | None:
+        """The folder holding one sub-folder per result (None before the first result)."""
+        return self._root
 
 
 def _safe_stem(name: str | None, fallback: str = "photo") -> str:
@@ -483,8 +490,12 @@ def video_tab(ctx: AppContext) -> None:
                 side_by_side=side_by_side, device=ctx.models.device, precision=ctx.models.precision,
                 limits=ctx.video_limits, progress=report,
             )
-        except VideoError as exc:  # e.g. the video data turns out to be corrupt while decoding
-            raise user_error(exc, replace=names) from None
+        except BaseException as exc:
+            # a failed or cancelled job leaves nothing behind: the folder holds only this job's output
+            shutil.rmtree(out.parent, ignore_errors=True)
+            if isinstance(exc, VideoError):  # e.g. the video data turns out to be corrupt while decoding
+                raise user_error(exc, replace=names) from None
+            raise
         w, h = result.size
         details = (
             f"{result.frames} frames, {w}x{h}, {float(result.fps):.3g} fps, {result.duration:.2f} s, "
@@ -1013,6 +1024,7 @@ def build_app(
     video_limits: VideoLimits | None = None,
     default_gan: str | None = None,
     vgg: str | None = None,
+    cache_s: int = CACHE_S,
 ) -> gr.Blocks:
     """Build the app (no model is loaded until a request needs it).
 
@@ -1031,11 +1043,15 @@ def build_app(
             ``$GHIBLI_DEFAULT_GAN`` or ``ghibli-stylegan2``.
         vgg: VGG weights (a file or Hub repo) for the projection's perceptual distance; default
             ``$GHIBLI_VGG``; without one the projection fits pixels only.
+        cache_s: every ``cache_s`` seconds Gradio deletes the uploads and results it holds that
+            are older than ``cache_s`` (so a file lives between one and two periods).
     """
     if heavy_concurrency < 1:
         raise ValueError(f"heavy_concurrency must be at least 1, got {heavy_concurrency}")
     if queue_size < 1:
         raise ValueError(f"queue_size must be at least 1, got {queue_size}")
+    if cache_s < 1:
+        raise ValueError(f"cache_s must be at least 1 second, got {cache_s}")
     models = Models(
         weights_dir=weights_dir or os.environ.get("GHIBLI_WEIGHTS_DIR") or hub.WEIGHTS_DIR,
         default_model=default_model or os.environ.get("GHIBLI_DEFAULT_MODEL") or hub.DEFAULT_MODEL,
@@ -1053,7 +1069,7 @@ def build_app(
         vgg=vgg or os.environ.get("GHIBLI_VGG") or None,
     )
     # analytics off: the app promises to run with no network, and never calls home
-    with gr.Blocks(title="Ghibli Studio", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+    with gr.Blocks(title="Ghibli Studio", analytics_enabled=False, delete_cache=(cache_s, cache_s)) as demo:
         gr.Markdown(
             "# Ghibli Studio\nTurn photos and video clips into Studio-Ghibli-style images and films, "
             "and explore a generator's latent space."
@@ -1090,20 +1106,41 @@ def launch(
     share: bool = False,
     prevent_thread_lock: bool = False,
     quiet: bool = False,
+    max_file_size: str | int = MAX_FILE_SIZE,
 ):
-    """Serve ``demo`` (see :func:`resolve_binding` for where); returns Gradio's ``launch`` result."""
+    """Serve ``demo`` (see :func:`resolve_binding` for where); returns Gradio's ``launch`` result.
+
+    ``max_file_size`` (bytes, or a string like ``"50mb"``) caps each upload; Gradio refuses a
+    larger one before any of our code runs.
+    """
     host, port = resolve_binding(host, port)
     ctx: AppContext | None = getattr(demo, "ghibli_context", None)
+    # Gradio serves its own cache (uploads and results, in content-hashed folders) and the paths
+    # allowed here: the examples only. Blocked paths win over everything, even if a later change
+    # allows a parent folder: the code, the checkpoints and the Hugging Face cache (it can hold a token).
     allowed = [str(ctx.examples_dir)] if ctx is not None else []
     return demo.launch(
         server_name=host,
         server_port=port,
         share=share,
-        max_file_size=MAX_FILE_SIZE,
+        max_file_size=max_file_size,
         allowed_paths=allowed,
+        blocked_paths=blocked_paths(ctx),
         prevent_thread_lock=prevent_thread_lock,
         quiet=quiet,
     )
+
+
+def blocked_paths(ctx: AppContext | None) -> list[str]:
+    """Absolute paths Gradio must never serve (see :func:`launch`)."""
+    from huggingface_hub import constants
+
+    paths = [ROOT / "app.py", ROOT / "ghibli_core", ROOT / "weights", ROOT / ".git",
+             Path(constants.HF_HOME), Path(constants.HF_HUB_CACHE)]
+    if ctx is not None:
+        paths.append(ctx.models.weights_dir)
+    unique = dict.fromkeys(str(Path(p).resolve()) for p in paths)
+    return list(unique)
 
 
 def main(argv: list[str] | None = None) -> None:
