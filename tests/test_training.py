@@ -195,3 +195,16 @@ def test_ema_warms_up_then_averages():
     for _ in range(100):
         plain.update(net)
     assert abs(float(plain.model.weight.mean()) - (1 - 0.999**100)) < 1e-4
+
+
+def test_loss_means_count_what_was_added_and_catch_divergence():
+    from ghibli_core.training.common import LossMeans
+
+    means = LossMeans(digits=3)
+    means.add({"a": torch.tensor(1.0), "b": 4.0})
+    means.add({"a": 2.0})  # "b" missing this step: its mean is over its own count
+    assert means.pop(step=2) == {"a": 1.5, "b": 4.0}
+    assert means.pop(step=3) == {}  # cleared
+    means.add({"a": float("nan")})
+    with pytest.raises(RuntimeError, match="diverged at step 4"):
+        means.pop(step=4)

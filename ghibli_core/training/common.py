@@ -182,6 +182,32 @@ class ImagePool:
         self.generator.set_state(state["generator"])
 
 
+class LossMeans:
+    """Running sums of logged losses between log lines; :meth:`pop` returns their means.
+
+    Counts what was added (not the step interval), so a line after a resume in the middle of an
+    interval is still a true mean. A non-finite mean raises: the run has diverged.
+    """
+
+    def __init__(self, *, digits: int = 5):
+        self.digits = digits
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, float | torch.Tensor]) -> None:
+        for name, value in values.items():
+            self._sums[name] = self._sums.get(name, 0.0) + float(value)
+            self._counts[name] = self._counts.get(name, 0) + 1
+
+    def pop(self, step: int) -> dict[str, float]:
+        means = {k: round(v / self._counts[k], self.digits) for k, v in self._sums.items()}
+        self._sums.clear()
+        self._counts.clear()
+        if not all(np.isfinite(v) for v in means.values()):
+            raise RuntimeError(f"training diverged at step {step}: losses {means}")
+        return means
+
+
 def linear_decay(*, steps: int, decay_steps: int):
     """LR multiplier: 1 for ``steps - decay_steps`` steps, then linearly down to 0 at ``steps``."""
     if not 0 <= decay_steps <= steps:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from ..imaging import to_tensor
 from ..data.datasets import ImageSet, StepBatches, UnpairedCrops, select_images
 from ..models.cyclegan import PatchDiscriminator, ResnetGenerator, UnetGenerator, init_weights
 from .common import (
+    LossMeans,
     EMA,
     ImagePool,
     JsonlLog,
@@ -209,7 +209,7 @@ def train_cyclegan(
         print(f"training CycleGAN on {len(set_a)} A images and {len(set_b)} B images, "
               f"steps {state.step} -> {stop} of {cfg.steps}, {accelerator.num_processes} process(es) on {device}")
     bar = tqdm(total=stop, initial=state.step, desc="cyclegan", disable=not (progress and main), dynamic_ncols=True)
-    running: dict[str, float] = {}
+    running = LossMeans(digits=5)
     t_start = time.time()
     wall_at_start = state.wall_time
 
@@ -256,18 +256,13 @@ def train_cyclegan(
         state.step += 1
         state.wall_time = wall_at_start + (time.time() - t_start)
 
-        for name, value in (("G_gan", loss_gan), ("cycle", loss_cycle), ("idt", loss_idt), ("D_A", loss_D_A), ("D_B", loss_D_B)):
-            running[name] = running.get(name, 0.0) + value.item()
+        running.add({"G_gan": loss_gan, "cycle": loss_cycle, "idt": loss_idt, "D_A": loss_D_A, "D_B": loss_D_B})
         bar.update(1)
 
         # 5. Bookkeeping, on the main process only (checkpoints need every process).
         step = state.step
         if step % cfg.log_every == 0 or step == stop:
-            n = cfg.log_every if step % cfg.log_every == 0 else (step % cfg.log_every or 1)
-            means = {k: round(v / n, 5) for k, v in running.items()}
-            running.clear()
-            if not all(math.isfinite(v) for v in means.values()):
-                raise RuntimeError(f"training diverged at step {step}: losses {means}")
+            means = running.pop(step)
             bar.set_postfix(means)
             log.write(step=step, lr=sched_G.get_last_lr()[0], wall_time=round(state.wall_time, 1), **means)
         if main and (step % cfg.sample_every == 0 or step == stop):

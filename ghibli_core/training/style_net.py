@@ -33,7 +33,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
@@ -44,6 +43,7 @@ from ..imaging import center_crop_resize, load_image, to_tensor
 from ..models.perceptual import VGGFeatures, gram_matrix
 from ..models.style_net import StyleNet, init_style_net
 from .common import (
+    LossMeans,
     JsonlLog,
     TrainState,
     average_gradients,
@@ -215,7 +215,7 @@ def train_style_net(
         print(f"training StyleNet on {len(images)} photos with {what}, steps {state.step} -> {stop} of {cfg.steps}, "
               f"{accelerator.num_processes} process(es) on {device}")
     bar = tqdm(total=stop, initial=state.step, desc="style-net", disable=not (progress and main), dynamic_ncols=True)
-    running: dict[str, float] = {}
+    running = LossMeans(digits=6)
     t_start, wall_at_start = time.time(), state.wall_time
 
     for x in loader:
@@ -247,18 +247,13 @@ def train_style_net(
         opt.step()
         state.step += 1
         state.wall_time = wall_at_start + (time.time() - t_start)
-        for name, value in losses.items():
-            running[name] = running.get(name, 0.0) + value.item()
+        running.add(losses)
         bar.update(1)
 
         # 4. Bookkeeping (checkpoints need every process; files on the main one).
         step = state.step
         if step % cfg.log_every == 0 or step == stop:
-            n = cfg.log_every if step % cfg.log_every == 0 else (step % cfg.log_every or 1)
-            means = {k: round(v / n, 6) for k, v in running.items()}
-            running.clear()
-            if not all(np.isfinite(v) for v in means.values()):
-                raise RuntimeError(f"training diverged at step {step}: losses {means}")
+            means = running.pop(step)
             bar.set_postfix(means)
             log.write(step=step, wall_time=round(state.wall_time, 1), **means)
         if main and (step % cfg.preview_every == 0 or step == stop):

@@ -62,6 +62,7 @@ from ..imaging import center_crop_resize
 from ..models.stylegan import StyleGAN2Discriminator, StyleGAN2Generator
 from .augment import POLICIES, AdaptiveAugment
 from .common import (
+    LossMeans,
     EMA,
     JsonlLog,
     TrainState,
@@ -374,7 +375,7 @@ def train_stylegan(
         (out / "init_scores.json").write_text(json.dumps(scores, indent=2))
         print("untrained generator: " + _fmt(scores))
     bar = tqdm(total=stop, initial=state.step, desc="stylegan2", disable=not (progress and main), dynamic_ncols=True)
-    running: dict[str, list[float]] = {}
+    running = LossMeans(digits=5)
     t_start, wall_at_start = time.time(), state.wall_time
 
     def autocast_off():
@@ -473,17 +474,13 @@ def train_stylegan(
         state.step += 1
         augment.step(state.step, batch_images=batch_total)
         state.wall_time = wall_at_start + (time.time() - t_start)
-        for name, value in logs.items():
-            running.setdefault(name, []).append(value)
+        running.add(logs)
         bar.update(1)
 
         # 6. Bookkeeping, on the main process only (checkpoints need every process).
         step = state.step
         if step % cfg.log_every == 0 or step == stop:
-            means = {k: round(sum(v) / len(v), 5) for k, v in running.items()}
-            running.clear()
-            if not all(math.isfinite(v) for v in means.values()):
-                raise RuntimeError(f"training diverged at step {step}: losses {means}")
+            means = running.pop(step)
             extra = {"aug_p": round(augment.p, 5)}
             if augment.last_rt is not None:
                 extra["r_t"] = round(augment.last_rt, 4)
