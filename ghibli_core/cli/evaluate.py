@@ -212,10 +212,17 @@ def run(args: argparse.Namespace) -> int:
             "exclude": args.exclude,
             "seconds": round(elapsed, 1),
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        _write_json(args.json, record)
     return 0
+
+
+def _write_json(path: Path, record: dict) -> None:
+    """Write ``record`` to ``path`` whole or not at all (temp name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}")
 
 
 # -- evaluate video ---------------------------------------------------------------------------
@@ -340,7 +347,5 @@ def run_video(args: argparse.Namespace) -> int:
             "end": args.end,
             "seconds": round(elapsed, 1),
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        _write_json(args.json, record)
     return 0
