@@ -79,7 +79,12 @@ def load_model(spec: str):
     if spec == "tiny":
         torch.manual_seed(0)
         return ResnetGenerator(width=8, n_blocks=2).eval()
-    return hub.load(hub.DEFAULT_MODEL if spec == "default" else spec, map_location="cpu")
+    if spec == "random-fast":  # the video model's architecture with random weights: speed only
+        from ghibli_core.models.style_net import PRESETS, StyleNet
+
+        torch.manual_seed(0)
+        return StyleNet(**PRESETS["fast"]).eval()
+    return hub.load(hub.default_video_model() if spec == "default" else spec, map_location="cpu")
 
 
 def run_ours(clip: Path, out: Path, model, args) -> dict:
@@ -165,7 +170,8 @@ def measure_memory(work: Path, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="model spec, 'default' (hub.DEFAULT_MODEL) or 'tiny' (random, small)")
+    p.add_argument("--model", default="default", help="model spec, 'default' (the embedded video model), 'tiny' (random, small) or "
+                   "'random-fast' (the video model's architecture, random weights)")
     p.add_argument("--seconds", type=float, default=10.0, help="clip length for the speed comparison (default 10)")
     p.add_argument("--height", type=int, default=480, help="processing resolution, the shorter side (default 480)")
     p.add_argument("--stability", type=float, default=0.5, help="stabilization strength (default 0.5)")

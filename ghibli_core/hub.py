@@ -63,6 +63,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_MODEL = "photo2ghibli"
 # the embedded StyleGAN2 generator for projection, neighbours and walks
 DEFAULT_GAN = "ghibli-stylegan2"
+# the embedded fast network for video (a StyleNet distilled from DEFAULT_MODEL)
+DEFAULT_VIDEO_MODEL = "ghibli-video-fast"
 CARD_NAME = "README.md"
 DEFAULT_REVISION = "main"
 
@@ -367,6 +369,11 @@ def _checked_download(spec: ModelSpec, folder: Path, where: str, cache: Path) ->
         listing = f" (it holds: {', '.join(files)})" if files is not None else ""
         raise CheckpointError(f"{what} is not a ghibli-studio checkpoint: it has no {WEIGHTS_NAME}{listing}")
     return check_checkpoint_folder(folder, what=what)
+
+
+def default_video_model(weights_dir: str | Path = WEIGHTS_DIR) -> str:
+    """The embedded video model when installed, else the photo default (slower, same look)."""
+    return DEFAULT_VIDEO_MODEL if DEFAULT_VIDEO_MODEL in embedded_models(weights_dir) else DEFAULT_MODEL
 
 
 def resolve(

@@ -151,6 +151,14 @@ def test_embedded_and_local_folders_resolve_and_load(tmp_path):
     assert hub.embedded_models(weights) == ["tiny"]
 
 
+def test_default_video_model_falls_back_to_the_photo_default(tmp_path):
+    weights = tmp_path / "weights"
+    save_checkpoint(tiny_generator(0), weights / hub.DEFAULT_MODEL)
+    assert hub.default_video_model(weights) == hub.DEFAULT_MODEL
+    save_checkpoint(tiny_generator(1), weights / hub.DEFAULT_VIDEO_MODEL)
+    assert hub.default_video_model(weights) == hub.DEFAULT_VIDEO_MODEL
+
+
 def test_local_folder_that_is_not_a_checkpoint(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -70,7 +70,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=None,
         help="model spec: a weights/ folder, a local folder or a Hub repo (required for photos; "
-        "for 'video' the default model when omitted)",
+        "for 'video' the embedded video model when omitted)",
     )
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub model")
     p.add_argument(
@@ -267,7 +267,7 @@ def run_video(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from ..hub import DEFAULT_MODEL, load
+    from ..hub import default_video_model, load
     from ..imaging import center_crop_resize
     from ..temporal import evaluate_stability
     from ..video import FrameReader, as_frame_model, expected_frames, output_size, probe
@@ -290,7 +290,8 @@ def run_video(args: argparse.Namespace) -> int:
             args.frames, films=args.films, include=args.include, exclude=args.exclude, max_images=args.max_images
         )
     size = output_size(info, args.height)
-    model = load(args.model or DEFAULT_MODEL, revision=args.revision, map_location="cpu")
+    args.model = args.model or default_video_model()
+    model = load(args.model, revision=args.revision, map_location="cpu")
     run_model = as_frame_model(model, size, device=args.device, precision=args.precision, batch_size=batch_size)
 
     # 2. one pass: flow on the input, stylize, stabilize, measure; keep crops for KID
@@ -335,13 +336,13 @@ def run_video(args: argparse.Namespace) -> int:
         result["kid"] = kid_result
     elapsed = time.perf_counter() - start
     print(format_video_table(result))
-    spec = f"{args.model or DEFAULT_MODEL}" + (f"@{args.revision}" if args.revision else "")
+    spec = f"{args.model}" + (f"@{args.revision}" if args.revision else "")
     print(f"{args.clip.name}: {info.describe()}; model {spec}; {elapsed:.0f} s on {args.device}")
     if args.json is not None:
         record = {
             **result,
             "clip": str(args.clip),
-            "model_spec": args.model or DEFAULT_MODEL,
+            "model_spec": args.model,
             "revision": args.revision,
             "start": args.start,
             "end": args.end,

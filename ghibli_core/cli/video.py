@@ -73,7 +73,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     add("input", type=Path, metavar="IN", help="the video clip (MP4, MOV, MKV, WebM, AVI, ...)")
     add("-o", "--out", required=True, type=Path, metavar="OUT.mp4", help="the output video (.mp4, .m4v or .mov)")
     add("--model", default=None,
-        help="model spec: a weights/ name, a local folder or a Hub repo owner/name (default: the embedded default)")
+        help="model spec: a weights/ name, a local folder or a Hub repo owner/name (default: the embedded video "
+             "model ghibli-video-fast, or photo2ghibli where it is missing)")
     add("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub model")
     add("--height", type=parse_height, default=480, metavar="PX",
         help="processing resolution: the shorter side in pixels (360, 480, 720; never upscaled) or 'original' "
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from ..hub import DEFAULT_MODEL, load
+    from ..hub import default_video_model, load
     from ..video import VideoLimits, check_limits, expected_frames, output_size, probe, stylize_video
     from .stylize import save_atomic
 
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.input.name}: {info.describe()}; processing at {size[0]}x{size[1]}", file=sys.stderr)
 
     # 2. the model, then the streaming job
-    model = load(args.model or DEFAULT_MODEL, revision=args.revision, map_location="cpu")
+    model = load(args.model or default_video_model(), revision=args.revision, map_location="cpu")
     on_frame = None
     if args.frames_dir is not None:
         from PIL import Image
