@@ -1006,7 +1006,7 @@ def stylize_video(
             if not batch:
                 break
             t0 = time.perf_counter()
-            x = to_tensor(np.stack(batch))  # (N, 3, H, W) in [-1, 1]
+            x = to_tensor(np.stack(batch), channels_last=True)  # (N, 3, H, W) in [-1, 1], NHWC memory
             t1 = time.perf_counter()
             y = run_model(x)
             t2 = time.perf_counter()

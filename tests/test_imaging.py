@@ -371,6 +371,13 @@ def test_tensor_round_trip_is_exact():
     assert torch.equal(to_tensor(arr), x) and torch.equal(to_tensor(arr[None]), x)
 
 
+def test_to_tensor_channels_last_is_the_same_tensor():
+    arr = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    x, y = to_tensor(arr), to_tensor(arr, channels_last=True)
+    assert torch.equal(x, y) and x.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
+    assert np.array_equal(to_uint8(y), arr)
+
+
 def test_to_uint8_rounds_and_clamps():
     t = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0, 1 / 127.5 - 1, 0.5 / 127.5 - 1 + 1e-4]).view(1, 1, 1, 7).expand(1, 3, 1, 7)
     out = to_uint8(t)
@@ -401,5 +408,12 @@ def test_to_pil_and_to_uint8_check_their_input():
         to_uint8(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
     with pytest.raises(ValueError, match="NaN"):
         to_uint8(torch.full((3, 2, 2), float("nan")))
+    for bad in (float("inf"), float("-inf")):  # one bad value among finite ones
+        t = torch.zeros(3, 2, 2)
+        t[1, 0, 1] = bad
+        with pytest.raises(ValueError, match="infinite"):
+            to_uint8(t)
+    # huge but finite values overflow the sum: still a valid (clamped) image, not an error
+    assert to_uint8(torch.full((3, 2, 2), 3e38)).min() == 255
     with pytest.raises(ValueError, match="one image"):
         to_pil(torch.zeros(2, 3, 2, 2))
