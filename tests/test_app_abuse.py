@@ -492,6 +492,14 @@ def test_paths_outside_the_app_are_refused(served, route):
         assert b"root:" not in response.content and b"import gradio" not in response.content
 
 
+def test_file_route_neither_redirects_nor_fetches_internal_urls(served):
+    # Gradio before the fix of gradio-app/gradio#13593 answered 302 to any URL (open redirect,
+    # and SSRF through gradio_client, which follows redirects); the pinned Gradio refuses it
+    for target in ("http://169.254.169.254/latest/meta-data/", f"{served.url}/gradio_api/info", "https://127.0.0.1:1/"):
+        response = get(served, f"/gradio_api/file={target}")
+        assert response.status_code == 403 and "location" not in response.headers, (target, response.status_code)
+
+
 def test_examples_are_served_on_purpose(served):
     examples = sorted(p for p in served.ctx.examples_dir.iterdir() if p.is_file())
     if not examples:
