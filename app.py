@@ -1164,7 +1164,8 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
         return False
 
 
-def main(argv: list[str] | None = None) -> None:
+def argument_parser() -> argparse.ArgumentParser:
+    """The flags of ``python app.py`` (the README's "Launch options and limits" lists each)."""
     parser = argparse.ArgumentParser(description="Ghibli Studio: the Gradio app.")
     parser.add_argument("--host", default=None, help=f"address to bind (default $GRADIO_SERVER_NAME, or {DEFAULT_HOST}; 0.0.0.0 on a Space)")
     parser.add_argument("--port", type=int, default=None, help=f"port (default $GRADIO_SERVER_PORT, or {DEFAULT_PORT})")
@@ -1177,7 +1178,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queue-size", type=int, default=16, help="requests allowed to wait (default 16)")
     parser.add_argument("--gan", default=None, help="embedded StyleGAN2 model of the latent-space tabs (default ghibli-stylegan2)")
     parser.add_argument("--vgg", default=None, help="VGG weights for the projection's perceptual distance (default $GHIBLI_VGG)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argument_parser().parse_args(argv)
     limit_malloc_arenas()
     demo = build_app(
         weights_dir=args.weights_dir,

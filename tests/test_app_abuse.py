@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import secrets
 import struct
 import time
@@ -560,3 +561,65 @@ def test_gradio_cache_deletes_old_uploads_and_results(tmp_path):
             os.environ.pop("GRADIO_TEMP_DIR", None)
         else:
             os.environ["GRADIO_TEMP_DIR"] = saved
+
+
+# -- the README's "Launch options and limits" matches the code -------------------------------------
+def readme_section() -> str:
+    text = (app.ROOT / "README.md").read_text()
+    start = text.index("## Launch options and limits")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_readme_lists_every_flag_and_only_real_ones():
+    section = readme_section()
+    parser = app.argument_parser()
+    flags = {s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+    documented = set(re.findall(r"`(--[a-z-]+)`", section))
+    assert documented == flags
+    defaults = {a.option_strings[0]: a.default for a in parser._actions if a.option_strings}
+    assert f"| `--queue-size` | | `{defaults['--queue-size']}` |" in section
+    assert f"| `--concurrency` | | `{defaults['--concurrency']}` |" in section
+    assert f"| `--precision` | | `{defaults['--precision']}` |" in section
+    source = (app.ROOT / "app.py").read_text()
+    for var in re.findall(r"`((?:GHIBLI|GRADIO_SERVER)_[A-Z_]+)`", section):
+        assert f'get("{var}")' in source, var
+    assert app.resolve_binding(None, None, env={}) == ("127.0.0.1", 7860)
+
+
+def test_readme_limits_are_the_codes():
+    from gradio.utils import FileSize, _parse_file_size
+
+    from ghibli_core.imaging import DEFAULT_MAX_PIXELS
+
+    section = readme_section()
+    limits = app.VIDEO_LIMITS
+    assert f"{_parse_file_size(app.MAX_FILE_SIZE) // FileSize.MB} MB per file" in section
+    assert f"at most {DEFAULT_MAX_PIXELS:,} pixels" in section
+    assert f"{app.MAX_SIDE_RANGE[0]} to {app.MAX_SIDE_RANGE[1]} px" in section
+    assert f"{limits.max_seconds:g} s and {limits.max_frames} frames per run" in section
+    assert f"({limits.max_pixels:,} pixels)" in section and "3840x2160" in section and limits.max_pixels == 3840 * 2160
+    assert f"projection {app.PROJECTION_STEPS_RANGE[0]} to {app.PROJECTION_STEPS_RANGE[1]} steps" in section
+    assert f"galleries of {app.NEIGHBOURS_RANGE[0]} to {app.NEIGHBOURS_RANGE[1]} images" in section
+    assert f"at most {app.MAX_WALK_FRAMES} frames per render" in section
+    assert app.CACHE_S == 3600 and f"build_app(cache_s={app.CACHE_S})" in section
+    assert app.OutputFolder().keep_s == 600 and "after 10 minutes" in section
+    demo = app.build_app(weights_dir=app.ROOT / "weights")
+    assert demo._queue.max_size == 16 and demo._queue.default_concurrency_limit == 4
+    assert "up to 4 at once" in section and "up to 16 requests wait" in section
+
+
+def test_readme_python_example_runs_and_lists_every_endpoint(served, tmp_path):
+    section = readme_section()
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    Image.new("RGB", (20, 14), (120, 160, 200)).save(tmp_path / "photo.jpg")
+    code = code.replace('"http://127.0.0.1:7860/"', repr(served.url)).replace('"photo2ghibli"', '"tiny"')
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        namespace: dict = {}
+        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README's example
+    finally:
+        os.chdir(cwd)
+    assert Image.open(namespace["image"]).size == (20, 14)
+    endpoints = set(served.client().view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert set(re.findall(r"`(/[a-z_]+)`", section)) == endpoints
