@@ -342,7 +342,7 @@ MAX_SIDE_RANGE = (256, 4096)
 def photo_tab(ctx: AppContext) -> None:
     """Tab "Photo → Ghibli": one photo in, the stylized PNG out at the photo's own size."""
 
-    def run(photo, model, hub_repo, revision, strength, max_side):
+    def run(photo, model, hub_repo, revision, strength, max_side, progress=gr.Progress()):
         # The event runs with preprocess=False: Gradio's own image preprocessing would decode the
         # upload with plain PIL (no pixel cap, a stack trace for a non-image). Inputs arrive raw
         # and are checked here, by the library's safe loader.
@@ -357,6 +357,8 @@ def photo_tab(ctx: AppContext) -> None:
             image = load_image(path, max_pixels=ctx.max_pixels)
         except ImageLoadError as exc:
             raise user_error(exc, replace={path: name}) from None
+        # a first request loads the model (seconds on a CPU), a large photo takes seconds too
+        progress(0.1, desc="loading the model")
         try:
             stylizer, notice, card = ctx.models.stylizer(spec)
         except (ValueError, hub.HubError) as exc:
@@ -364,6 +366,7 @@ def photo_tab(ctx: AppContext) -> None:
         if notice:
             gr.Warning(html.escape(notice, quote=False))
 
+        progress(0.3, desc=f"stylizing {image.width}x{image.height}")
         result = stylize_at_photo_size(stylizer, image, strength=strength, max_side=max_side)
         out = ctx.outputs.path_for(f"{_safe_stem(name)}_ghibli.png")
         result.save(out, format="PNG")
@@ -442,6 +445,11 @@ def _eta(seconds: float) -> str:
 
 def video_tab(ctx: AppContext) -> None:
     """Tab "Video stylize": a clip in, an MP4 out with the clip's sound, frame rate and duration."""
+
+    def show_card(model):
+        if not model or model not in ctx.models.embedded():
+            return "*No model selected.*"
+        return ctx.models.card(model)
 
     def run(video, model, hub_repo, revision, resolution, stability, start, end, side_by_side, progress=gr.Progress()):
         # preprocess=False, as in the photo tab: Gradio's own video preprocessing would call a
@@ -541,7 +549,14 @@ def video_tab(ctx: AppContext) -> None:
                 download = gr.DownloadButton("Download MP4")
                 notice = gr.Markdown(label="Notice")
                 details = gr.Markdown(label="Details")
+                with gr.Accordion("Model card", open=False):
+                    card = gr.Markdown(ctx.models.card(ctx.models.initial_choice()), label="Model card")
+        clips = sorted(p for p in ctx.examples_dir.glob("*") if p.suffix.lower() in (".mp4", ".webm", ".mov"))
+        if clips:
+            gr.Examples(examples=[[str(p)] for p in clips], inputs=[video], cache_examples=False,
+                        label="Examples (synthetic)", api_name="video_example")
 
+        model.change(show_card, inputs=[model], outputs=[card], api_name="video_model_card")
         button.click(
             run,
             inputs=[video, model, hub_repo, revision, resolution, stability, start, end, side_by_side],
@@ -912,6 +927,8 @@ def latent_tabs(ctx: AppContext) -> None:
                 with gr.Tab("Draw"):
                     sketch = gr.Sketchpad(label="Sketch", type="filepath")
                 model, hub_repo, revision = model_controls()
+                with gr.Accordion("Model card", open=False):
+                    gan_card = gr.Markdown(ctx.models.card(initial), label="Model card")
                 steps = gr.Slider(*PROJECTION_STEPS_RANGE, value=300, step=10, label="Steps")
                 space = gr.Radio(["w", "w+"], value="w", label="Latent space",
                                  info="w: one latent for all layers (more typical images); w+: one per layer (closer fits)")
@@ -974,7 +991,13 @@ def latent_tabs(ctx: AppContext) -> None:
                 walk_download = gr.DownloadButton("Download")
                 walk_status = gr.Markdown()
 
+    def show_gan_card(name):
+        if not name or name not in ctx.models.embedded("gan"):
+            return "*No model selected.*"
+        return ctx.models.card(name)
+
     controls = [model, hub_repo, revision]
+    model.change(show_gan_card, inputs=[model], outputs=[gan_card], api_name="gan_model_card")
     project_button.click(
         project_run, inputs=[painting, sketch, *controls, steps, space, session],
         outputs=[preview, project_status, latent_file, session], api_name="project", preprocess=False, **ctx.heavy,

@@ -2,6 +2,7 @@
 through a launched app (gradio_client and raw HTTP on loopback, tiny models)."""
 from __future__ import annotations
 
+import asyncio
 import io
 import math
 import os
@@ -623,3 +624,44 @@ def test_readme_python_example_runs_and_lists_every_endpoint(served, tmp_path):
     assert Image.open(namespace["image"]).size == (20, 14)
     endpoints = set(served.client().view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert set(re.findall(r"`(/[a-z_]+)`", section)) == endpoints
+
+
+# -- usability: examples and model cards on every tab -----------------------------------------------
+def test_every_tab_offers_examples_and_a_model_card(served, client):
+    config = served.demo.get_config_file()
+    datasets = [c for c in config["components"] if c["type"] == "dataset"]
+    labels = {c["props"].get("label") for c in datasets}
+    assert {"Examples (synthetic scenes)", "Examples (synthetic)", "Examples"} <= labels  # photo, video, projection
+    clips = [p for p in app.EXAMPLES_DIR.iterdir() if p.suffix == ".mp4"]
+    assert clips
+    for clip in clips:  # the example clips run within the app's own caps
+        V.check_limits(probe(clip), app.VIDEO_LIMITS)
+    cards = [c for c in config["components"] if c["type"] == "markdown" and c["props"].get("label") == "Model card"]
+    assert len(cards) == 3  # photo, video, generator
+    for name, endpoint in (("tiny", "/video_model_card"), ("gan", "/gan_model_card")):
+        text = client.predict(name, api_name=endpoint)
+        assert text.strip() and not text.startswith("*No model"), text
+    for name, endpoint in (("nope", "/video_model_card"), ("tiny", "/gan_model_card")):  # not offered there
+        with pytest.raises(AppError, match="not in the list of choices"):
+            client.predict(name, api_name=endpoint)
+
+
+def test_photo_job_reports_progress(served, client, tmp_path, monkeypatch):
+    real = app.stylize_at_photo_size
+
+    def slow(*args, **kwargs):  # a real photo takes seconds on a CPU; Gradio sends progress every 0.1 s
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app, "stylize_at_photo_size", slow)  # the server runs in this process
+    src = tmp_path / "p.png"
+    Image.new("RGB", (32, 24), (10, 20, 30)).save(src)
+    job = client.submit(handle_file(str(src)), "tiny", "", "", 1.0, 1024, api_name="/stylize")
+
+    async def updates():
+        return [u async for u in job]
+
+    seen = asyncio.run(updates())  # every status update, progress included
+    job.result()
+    descriptions = {p.desc for u in seen for p in (getattr(u, "progress_data", None) or [])}
+    assert "stylizing 32x24" in descriptions, descriptions
