@@ -665,3 +665,18 @@ def test_photo_job_reports_progress(served, client, tmp_path, monkeypatch):
     job.result()
     descriptions = {p.desc for u in seen for p in (getattr(u, "progress_data", None) or [])}
     assert "stylizing 32x24" in descriptions, descriptions
+
+
+def test_building_the_app_loads_no_model_and_needs_no_network(monkeypatch):
+    from ghibli_core import hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("build_app opened a network connection")
+
+    monkeypatch.setattr("socket.create_connection", no_network)
+    hub.clear_model_cache()  # models load lazily: other tests' servers just load theirs again
+    demo = app.build_app(weights_dir=app.ROOT / "weights", device="cpu")
+    assert not hub._model_cache  # the embedded models are listed and their cards read, none loaded
+    assert demo.ghibli_context.models.embedded("image")
