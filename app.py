@@ -73,6 +73,7 @@ _FRONT_MATTER_RE = re.compile(r"\A---\s*\n.*?\n---\s*\n", re.DOTALL)
 # model_type (config.json) -> the tabs that offer it
 MODEL_KINDS = {
     "image": {"cyclegan-resnet", "cyclegan-unet", "style-net"},
+    "video": {"cyclegan-resnet", "cyclegan-unet", "style-net"},  # the image models, another default
     "gan": {"stylegan2"},
 }
 
@@ -93,6 +94,9 @@ class Models:
         weights_dir: folder of embedded checkpoints (one sub-folder each).
         default_model: the embedded model selected at start, and the fallback when a Hub repo
             cannot be reached.
+        default_gan: the embedded generator of the latent-space tabs.
+        default_video: the embedded model the video tab selects at start (``default_model``
+            where it is not installed).
         device: torch device the networks run on.
         precision: compute precision passed to :class:`Stylizer` (``"auto"`` picks per device).
         cache_size: how many engines to keep.
@@ -104,6 +108,7 @@ class Models:
         weights_dir: str | Path = hub.WEIGHTS_DIR,
         default_model: str = hub.DEFAULT_MODEL,
         default_gan: str = hub.DEFAULT_GAN,
+        default_video: str = hub.DEFAULT_VIDEO_MODEL,
         device: str = "cpu",
         precision: str = "auto",
         cache_size: int = 4,
@@ -111,6 +116,7 @@ class Models:
         self.weights_dir = Path(weights_dir)
         self.default_model = default_model
         self.default_gan = default_gan
+        self.default_video = default_video
         self.device = device
         self.precision = precision
         self.cache_size = cache_size
@@ -138,9 +144,15 @@ class Models:
 
     def initial_choice(self, kind: str = "image") -> str | None:
         names = self.embedded(kind)
-        default = self.default_model if kind == "image" else self.default_gan
-        if default in names:
-            return default
+        if kind == "gan":
+            preferred = [self.default_gan]
+        elif kind == "video":  # the fast video network, else the photo model
+            preferred = [self.default_video, self.default_model]
+        else:
+            preferred = [self.default_model]
+        for name in preferred:
+            if name in names:
+                return name
         return names[0] if names else None
 
     def spec(self, embedded: str | None, hub_repo: str | None, revision: str | None, *, kind: str = "image") -> str | hub.ModelSpec:
@@ -520,7 +532,7 @@ def video_tab(ctx: AppContext) -> None:
                 with gr.Group():
                     model = gr.Dropdown(
                         choices=ctx.models.embedded(),
-                        value=ctx.models.initial_choice(),
+                        value=ctx.models.initial_choice("video"),
                         label="Model",
                         info="an embedded model; a Hub repo typed below takes precedence",
                     )
@@ -550,7 +562,7 @@ def video_tab(ctx: AppContext) -> None:
                 notice = gr.Markdown(label="Notice")
                 details = gr.Markdown(label="Details")
                 with gr.Accordion("Model card", open=False):
-                    card = gr.Markdown(ctx.models.card(ctx.models.initial_choice()), label="Model card")
+                    card = gr.Markdown(ctx.models.card(ctx.models.initial_choice("video")), label="Model card")
         clips = sorted(p for p in ctx.examples_dir.glob("*") if p.suffix.lower() in (".mp4", ".webm", ".mov"))
         if clips:
             gr.Examples(examples=[[str(p)] for p in clips], inputs=[video], cache_examples=False,
@@ -1047,6 +1059,7 @@ def build_app(
     examples_dir: str | Path = EXAMPLES_DIR,
     video_limits: VideoLimits | None = None,
     default_gan: str | None = None,
+    default_video_model: str | None = None,
     vgg: str | None = None,
     cache_s: int = CACHE_S,
 ) -> gr.Blocks:
@@ -1065,6 +1078,9 @@ def build_app(
         video_limits: caps of the video tab (default :data:`VIDEO_LIMITS`, for a free CPU Space).
         default_gan: the embedded StyleGAN2 model of the latent-space tabs; default
             ``$GHIBLI_DEFAULT_GAN`` or ``ghibli-stylegan2``.
+        default_video_model: the embedded model the video tab selects at start; default
+            ``$GHIBLI_DEFAULT_VIDEO_MODEL`` or ``ghibli-video-fast`` (``default_model`` where
+            that is not installed).
         vgg: VGG weights (a file or Hub repo) for the projection's perceptual distance; default
             ``$GHIBLI_VGG``; without one the projection fits pixels only.
         cache_s: every ``cache_s`` seconds Gradio deletes the uploads and results it holds that
@@ -1080,6 +1096,7 @@ def build_app(
         weights_dir=weights_dir or os.environ.get("GHIBLI_WEIGHTS_DIR") or hub.WEIGHTS_DIR,
         default_model=default_model or os.environ.get("GHIBLI_DEFAULT_MODEL") or hub.DEFAULT_MODEL,
         default_gan=default_gan or os.environ.get("GHIBLI_DEFAULT_GAN") or hub.DEFAULT_GAN,
+        default_video=default_video_model or os.environ.get("GHIBLI_DEFAULT_VIDEO_MODEL") or hub.DEFAULT_VIDEO_MODEL,
         device=device or default_device(),
         precision=precision,
     )
@@ -1199,6 +1216,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="compute precision (default auto)")
     parser.add_argument("--concurrency", type=int, default=1, help="network jobs run at once (default 1)")
     parser.add_argument("--queue-size", type=int, default=16, help="requests allowed to wait (default 16)")
+    parser.add_argument("--video-model", default=None, help="embedded model the video tab selects at start (default ghibli-video-fast, else --model)")
     parser.add_argument("--gan", default=None, help="embedded StyleGAN2 model of the latent-space tabs (default ghibli-stylegan2)")
     parser.add_argument("--vgg", default=None, help="VGG weights for the projection's perceptual distance (default $GHIBLI_VGG)")
     return parser
@@ -1215,6 +1233,7 @@ def main(argv: list[str] | None = None) -> None:
         heavy_concurrency=args.concurrency,
         queue_size=args.queue_size,
         default_gan=args.gan,
+        default_video_model=args.video_model,
         vgg=args.vgg,
     )
     launch(demo, host=args.host, port=args.port, share=args.share)

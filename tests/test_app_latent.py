@@ -62,6 +62,19 @@ def test_models_are_offered_by_kind(served):
     assert models.spec("gan", "", "", kind="gan") == "gan"
 
 
+def test_video_tab_prefers_the_video_model(tmp_path):
+    weights = tmp_path / "weights"
+    torch.manual_seed(0)
+    ResnetGenerator(width=4, n_blocks=1).save_pretrained(weights / "photo")
+    models = app.Models(weights_dir=weights, default_model="photo", default_video="fast")
+    assert models.initial_choice("video") == "photo"  # no video model installed: the photo default
+    from ghibli_core.models import StyleNet
+
+    StyleNet(width=4, n_blocks=1, kernel=3, shuffle=True).save_pretrained(weights / "fast")
+    assert models.initial_choice("video") == "fast" and models.initial_choice("image") == "photo"
+    assert models.embedded("video") == models.embedded("image") == ["fast", "photo"]
+
+
 def test_projection_then_neighbours_evolution_and_back(client):
     c, root = client
     preview, status, latent = _projected(c, root)
