@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-memory", action="store_true", help="do not measure memory")
     p.add_argument("--memory-only", action="store_true", help="only measure memory")
     p.add_argument("--memory-model", default="tiny", help="model of the memory runs: 'tiny' (default), 'default' or a spec")
+    p.add_argument("--json", type=Path, help="also write the speed figures to this JSON file")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -218,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"(extract {st['extract']:.1f} s, stylize {st['stylize']:.1f} s, encode {st['encode']:.1f} s)")
                 ratio = seeds["seconds"] / ours["seconds"]
                 print(f"ours vs the seeds' way: {ratio:.2f}x faster (bar: >= 4x) -> {'met' if ratio >= 4 else 'NOT met'}")
+            if args.json:
+                record = {"model": args.model, "frames": ours["frames"], "seconds": ours["seconds"], "fps": fps,
+                          "overhead": share, "timings": t, "load_after": load()}
+                if not args.skip_baseline:
+                    record.update(seeds_seconds=seeds["seconds"], ratio=ratio, seeds_timings=st)
+                args.json.write_text(json.dumps(record, indent=2) + "\n")
             print(f"({load()} at the end)")
         if not args.skip_memory:
             measure_memory(work, args)

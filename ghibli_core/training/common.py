@@ -196,6 +196,8 @@ class LossMeans:
 
     def add(self, values: dict[str, float | torch.Tensor]) -> None:
         for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().item()
             self._sums[name] = self._sums.get(name, 0.0) + float(value)
             self._counts[name] = self._counts.get(name, 0) + 1
 
