@@ -461,3 +461,12 @@ def test_shared_clips(tmp_path, name, audio, vfr, rotation):
         first = decode(out)[0]
         stored = decode(src, autorotate=False)[0]
         assert psnr(first, small(np.rot90(stored, 2))) > psnr(first, small(stored)) + 3
+
+
+def test_auto_batch_size_keeps_about_a_megapixel_per_call():
+    from ghibli_core.video import auto_batch_size
+
+    assert auto_batch_size((854, 480)) == 2
+    assert auto_batch_size((640, 360)) == 4
+    assert auto_batch_size((1280, 720)) == 1 and auto_batch_size((3840, 2160)) == 1
+    assert auto_batch_size((64, 48)) == 8  # capped

@@ -103,7 +103,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
         help="the model's precision (default auto: what the app and the stylize command use)",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 16; 4 video frames)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 16; for video about a megapixel, 2 frames at 480p)")
     p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (capped at the smaller set)")
     p.add_argument("--seed", type=int, default=0, help="seed of the KID subsets (default 0)")
@@ -270,15 +270,14 @@ def run_video(args: argparse.Namespace) -> int:
     from ..hub import default_video_model, load
     from ..imaging import center_crop_resize
     from ..temporal import evaluate_stability
-    from ..video import FrameReader, as_frame_model, expected_frames, output_size, probe
+    from ..video import FrameReader, as_frame_model, auto_batch_size, expected_frames, output_size, probe
 
     if args.clip is None:
         raise ValueError("evaluate video needs the clip: evaluate video CLIP [--model SPEC]")
     if args.photos is not None:
         raise ValueError("--photos is for the photo evaluation; 'evaluate video' measures a clip")
-    batch_size = 4 if args.batch_size is None else args.batch_size
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     # 1. the clip and the reference frames are checked before the model loads
     info = probe(args.clip)
     total = expected_frames(info, args.start, args.end)
@@ -290,6 +289,7 @@ def run_video(args: argparse.Namespace) -> int:
             args.frames, films=args.films, include=args.include, exclude=args.exclude, max_images=args.max_images
         )
     size = output_size(info, args.height)
+    batch_size = args.batch_size or auto_batch_size(size)
     args.model = args.model or default_video_model()
     model = load(args.model, revision=args.revision, map_location="cpu")
     run_model = as_frame_model(model, size, device=args.device, precision=args.precision, batch_size=batch_size)

@@ -86,7 +86,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     add("--side-by-side", action="store_true", help="output original | stylized, side by side")
     add("--frames-dir", type=Path, default=None, metavar="DIR",
         help="also save every output frame as DIR/frame_000001.png, ...")
-    add("--batch-size", type=_positive_int, default=4, help="frames per model call (default 4)")
+    add("--batch-size", type=_positive_int, default=None,
+        help="frames per model call (default: about a megapixel per call, 2 at 480p)")
     add("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default cpu)")
     add("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="compute precision (default auto)")
     add("--crf", type=int, default=20, help="H.264 quality, 0-51, lower is better (default 20)")
