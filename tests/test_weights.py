@@ -10,7 +10,7 @@ from ghibli_core.models import StyleGAN2Generator, read_config
 
 def test_every_embedded_model_loads_and_has_a_card():
     names = hub.embedded_models()
-    assert hub.DEFAULT_MODEL in names and hub.DEFAULT_GAN in names
+    assert hub.DEFAULT_MODEL in names and hub.DEFAULT_GAN in names and hub.DEFAULT_VIDEO_MODEL in names
     for name in names:
         folder = hub.WEIGHTS_DIR / name
         assert (folder / "README.md").read_text().strip(), name
@@ -25,6 +25,19 @@ def test_the_photo_default_translates():
     with torch.no_grad():
         y = G(x)
     assert y.shape == x.shape and torch.isfinite(y).all() and not torch.allclose(y, x, atol=0.05)
+
+
+def test_the_video_default_is_the_fast_network_and_styles_frames():
+    from ghibli_core.models import StyleNet
+    from ghibli_core.video import as_frame_model
+
+    assert hub.default_video_model() == hub.DEFAULT_VIDEO_MODEL
+    net = hub.load(hub.DEFAULT_VIDEO_MODEL)
+    assert isinstance(net, StyleNet) and net._hub_mixin_config["shuffle"] is True
+    run = as_frame_model(net, (90, 50))  # odd 480p-like aspect, padded to the stride inside
+    x = torch.rand(2, 3, 50, 90) * 2 - 1
+    y = run(x)
+    assert y.shape == x.shape and torch.isfinite(y).all() and (y - x).abs().mean() > 0.05
 
 
 def test_the_gan_default_renders_distinct_images():
