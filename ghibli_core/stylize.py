@@ -20,9 +20,10 @@ low-resolution input (16 instead of 36 multiply-adds per 2x2 outputs); the resid
 convolutions by Winograd F(4x4, 3x3) (4x fewer multiplications); the 7x7 RGB head as a 7x1
 convolution and shifted sums; convolution biases that instance norm cancels dropped; scratch
 memory reused instead of page-faulted in on every call. Together about 2x over eager float32
-on one core (PSNR > 100 dB against it). ``precision="auto"`` picks float32 with these rewrites
-on such CPUs, bfloat16 on CPUs with AMX (where oneDNN's bf16 kernels are several times
-faster), float16 on CUDA. On a machine whose cores are busy with other processes, every
+on one core (PSNR > 100 dB against it). ``precision="auto"`` picks bfloat16 on CPUs with AMX
+(where oneDNN's bf16 kernels are several times faster), float16 on CUDA, and on CPUs with
+avx512_bf16 but no AMX it measures: bf16 convolutions were slower than the float32 rewrites
+on one such CPU (an Intel Xeon) and 2.9x faster on another (an AMD EPYC, PSNR 66 dB). On a machine whose cores are busy with other processes, every
 multi-threaded operation waits for a descheduled thread; fewer threads
 (``torch.set_num_threads``) are then faster for both paths.
 """
@@ -43,7 +44,7 @@ from torch import nn
 from .imaging import resize_max_side, to_pil, to_tensor
 from .models.cyclegan import InstanceNorm, ResnetBlock, shared_statistics
 
-__all__ = ["PRECISIONS", "Stylizer", "prepare_network", "resolve_precision"]
+__all__ = ["PRECISIONS", "Stylizer", "calibrate_cpu_dtype", "prepare_network", "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,8 +54,9 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def resolve_precision(precision: str, device: str | torch.device) -> torch.dtype:
     """The compute dtype for ``precision`` on ``device``.
 
-    ``"auto"``: float16 on CUDA; bfloat16 on CPUs with AMX; float32 otherwise (on CPUs with
-    only avx512_bf16, bf16 convolutions measured slower than float32).
+    ``"auto"``: float16 on CUDA; bfloat16 on CPUs with AMX; float32 otherwise. (A
+    :class:`Stylizer` with ``"auto"`` on a CPU with avx512_bf16 but no AMX then times both
+    for its network, see :func:`calibrate_cpu_dtype`.)
     """
     device = torch.device(device)
     if precision not in PRECISIONS:
@@ -73,6 +75,69 @@ def resolve_precision(precision: str, device: str | torch.device) -> torch.dtype
 
 def _cpu_has_amx_bf16() -> bool:
     return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
+
+
+def _cpu_bf16_without_amx() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and not _cpu_has_amx_bf16()
+
+
+_CALIBRATED: dict[tuple, torch.dtype] = {}
+_CALIBRATED_LOCK = threading.Lock()
+MIN_AUTO_PSNR = 40.0  # dB against float32; the product bar is 35
+
+
+def _best_of(net: nn.Module, x: torch.Tensor, runs: int = 3) -> tuple[float, torch.Tensor]:
+    import time
+
+    with torch.inference_mode():
+        y = net(x)  # warm-up: oneDNN picks and caches its kernels on the first call
+        best = math.inf
+        for _ in range(runs):
+            t = time.perf_counter()
+            net(x)
+            best = min(best, time.perf_counter() - t)
+    return best, y.float()
+
+
+def calibrate_cpu_dtype(
+    model: nn.Module,
+    *,
+    channels_last: bool = True,
+    fuse: bool = True,
+    size: int = 256,
+    min_seconds: float = 0.02,
+    timer: Callable[[nn.Module, torch.Tensor], tuple[float, torch.Tensor]] = _best_of,
+) -> torch.dtype:
+    """bfloat16 or float32 for ``model`` on this CPU: whichever runs faster, measured.
+
+    Both prepared networks stylize a ``size`` x ``size`` test pattern; bfloat16 wins when it is
+    at least 1.25x faster and its output stays within :data:`MIN_AUTO_PSNR` dB of float32's.
+    A network that takes under ``min_seconds`` in float32 keeps float32 (exact, and the
+    choice hardly matters for it). The answer is kept per network shape and thread count (a few hundred ms, once).
+    """
+    key = (
+        type(model).__name__,
+        tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()),
+        torch.get_num_threads(), channels_last, fuse, size,
+    )
+    with _CALIBRATED_LOCK:
+        if key in _CALIBRATED:
+            return _CALIBRATED[key]
+        stride = int(getattr(model, "stride", 1))
+        side = -(-size // stride) * stride
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
+        x = torch.stack([xx, yy, torch.sin(6 * xx) * torch.cos(4 * yy)])[None].clamp(-1, 1)  # smooth + detail
+        times, outputs = {}, {}
+        for dtype in (torch.float32, torch.bfloat16):
+            net = prepare_network(model, dtype=dtype, channels_last=channels_last, fuse=fuse)
+            xin = x.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            times[dtype], outputs[dtype] = timer(net, xin)
+        mse = ((outputs[torch.bfloat16] - outputs[torch.float32]) / 2).pow(2).mean().item()
+        psnr = math.inf if mse == 0 else 10 * math.log10(1 / mse)
+        faster = times[torch.bfloat16] * 1.25 <= times[torch.float32] and times[torch.float32] >= min_seconds
+        choice = torch.bfloat16 if faster and psnr >= MIN_AUTO_PSNR else torch.float32
+        _CALIBRATED[key] = choice
+        return choice
 
 
 # -- exact rewrites of slow layers ------------------------------------------------------------
@@ -472,7 +537,8 @@ class Stylizer:
             must be multiples of ``getattr(model, "stride", 1)``. It is copied, not modified.
         device: where the network runs.
         precision: ``"auto"`` (the fastest path here that keeps PSNR >= 35 dB against
-            float32, see :func:`resolve_precision`), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+            float32, see :func:`resolve_precision` and :func:`calibrate_cpu_dtype`), ``"fp32"``,
+            ``"bf16"`` or ``"fp16"``.
         channels_last: run convolutions in NHWC memory layout (faster with oneDNN and cuDNN).
         fuse: apply the exact layer rewrites of :func:`prepare_network`.
         tile_size: images with a side above this go through overlapping tiles of this size
@@ -520,6 +586,8 @@ class Stylizer:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.dtype = resolve_precision(precision, self.device)
+        if precision == "auto" and self.device.type == "cpu" and self.dtype == torch.float32 and _cpu_bf16_without_amx():
+            self.dtype = calibrate_cpu_dtype(model, channels_last=channels_last, fuse=fuse)
         self.channels_last = channels_last
         self.network = prepare_network(model, device=self.device, dtype=self.dtype, channels_last=channels_last, fuse=fuse)
         # Networks are not re-entrant while tiles share statistics; the app may call from threads.

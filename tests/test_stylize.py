@@ -234,3 +234,41 @@ def test_model_without_stride_or_norms_works():
     stylizer = Stylizer(net)
     assert torch.allclose(stylizer.stylize_tensor(x), expected, atol=1e-5)
     assert stylizer.stylize_tensor(x[..., :3, :2]).shape == (1, 3, 3, 2)
+
+
+def test_auto_precision_calibration_picks_bf16_only_when_faster_and_accurate():
+    from ghibli_core import stylize
+
+    def fake_timer(seconds):
+        def timer(net, x):
+            with torch.inference_mode():
+                y = net(x).float()
+            return seconds[next(p.dtype for p in net.parameters())], y
+        return timer
+
+    torch.manual_seed(0)
+    net = ResnetGenerator(width=4, n_blocks=1).eval()
+    fast_bf16 = fake_timer({torch.float32: 0.1, torch.bfloat16: 0.04})
+    slow_bf16 = fake_timer({torch.float32: 0.1, torch.bfloat16: 0.09})
+    cheap = fake_timer({torch.float32: 0.005, torch.bfloat16: 0.001})
+    stylize._CALIBRATED.clear()
+    assert stylize.calibrate_cpu_dtype(net, timer=fast_bf16) == torch.bfloat16
+    assert stylize.calibrate_cpu_dtype(net, timer=slow_bf16) == torch.bfloat16  # kept per network shape
+    stylize._CALIBRATED.clear()
+    assert stylize.calibrate_cpu_dtype(net, timer=slow_bf16) == torch.float32
+    stylize._CALIBRATED.clear()
+    assert stylize.calibrate_cpu_dtype(net, timer=cheap) == torch.float32  # too cheap to matter
+
+    class Fragile(torch.nn.Module):  # bf16 rounding of the input is amplified far past 40 dB
+        stride = 1
+
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.tensor(300.0))
+
+        def forward(self, x):
+            return torch.sin(x * self.gain)
+
+    stylize._CALIBRATED.clear()
+    assert stylize.calibrate_cpu_dtype(Fragile(), timer=fast_bf16) == torch.float32
+    stylize._CALIBRATED.clear()
