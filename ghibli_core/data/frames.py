@@ -615,12 +615,24 @@ def _grab_keyframe(path: Path, t: float, w: int, h: int) -> np.ndarray | None:
     return np.frombuffer(proc.stdout[: w * h], np.uint8).reshape(h, w)
 
 
+def _widen_pipe(stream, size: int = 1 << 20) -> None:
+    """Ask Linux for a bigger pipe buffer (default 64 KiB, a third of a 256 px frame), so ffmpeg
+    and the reader hand over whole frames instead of switching every 64 KiB. Best effort."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, size)
+    except (ImportError, AttributeError, OSError):
+        pass  # not Linux, or over /proc/sys/fs/pipe-max-size: the default buffer still works
+
+
 class _Pipe:
     """One ffmpeg process whose stdout is read frame by frame; stderr is drained by a thread."""
 
     def __init__(self, cmd: list[str]):
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        _widen_pipe(self.proc.stdout)
         self.errors: list[str] = []
         self._drain = threading.Thread(target=self._read_errors, daemon=True)
         self._drain.start()
