@@ -262,18 +262,12 @@ def assert_clean_error(info, name: str, message: str, served: Served) -> None:
     assert "Traceback" not in text and str(served.temp) not in text and str(served.root) not in text
 
 
+@pytest.mark.parametrize("tab", ["photo", "projection"])
 @pytest.mark.parametrize("name", list(BAD_IMAGES))
-def test_bad_image_is_a_clean_error_on_the_photo_tab(served, client, image_files, name):
+def test_bad_image_is_a_clean_error(served, client, image_files, name, tab):
+    run = {"photo": stylize, "projection": project}[tab]
     with pytest.raises(AppError) as info:
-        stylize(client, image_files / name)
-    assert_clean_error(info, name, BAD_IMAGES[name][1], served)
-    still_serving(client, served.root)
-
-
-@pytest.mark.parametrize("name", list(BAD_IMAGES))
-def test_bad_image_is_a_clean_error_on_the_projection_tab(served, client, image_files, name):
-    with pytest.raises(AppError) as info:
-        project(client, image_files / name)
+        run(client, image_files / name)
     assert_clean_error(info, name, BAD_IMAGES[name][1], served)
     still_serving(client, served.root)
 
