@@ -3,6 +3,7 @@ through a launched app (gradio_client and raw HTTP on loopback, tiny models)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
 import os
@@ -72,29 +73,38 @@ class Served:
         return self.demo.ghibli_context
 
 
+@contextlib.contextmanager
+def gradio_temp_dir(path: Path):
+    """Gradio's cache folder (GRADIO_TEMP_DIR) set to ``path`` inside the block, then restored."""
+    saved = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(path)
+    try:
+        yield path
+    finally:
+        if saved is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = saved
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The app with the default pixel limit, small video caps and a 300 kB upload limit, with its
     own Gradio cache folder (GRADIO_TEMP_DIR) so files can be counted."""
     root = tmp_path_factory.mktemp("abuse")
     temp = root / "gradio-cache"
-    saved = os.environ.get("GRADIO_TEMP_DIR")
-    os.environ["GRADIO_TEMP_DIR"] = str(temp)
     demo = None
-    try:
-        demo = app.build_app(
-            weights_dir=make_weights(root), default_model="tiny", default_gan="gan", device="cpu",
-            video_limits=VideoLimits(max_seconds=3.0, max_pixels=100_000, max_frames=60),
-        )
-        launch(demo, max_file_size=MAX_UPLOAD)
-        yield Served(demo, root, temp)
-    finally:
-        if demo is not None:
-            demo.close()
-        if saved is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = saved
+    with gradio_temp_dir(temp):
+        try:
+            demo = app.build_app(
+                weights_dir=make_weights(root), default_model="tiny", default_gan="gan", device="cpu",
+                video_limits=VideoLimits(max_seconds=3.0, max_pixels=100_000, max_frames=60),
+            )
+            launch(demo, max_file_size=MAX_UPLOAD)
+            yield Served(demo, root, temp)
+        finally:
+            if demo is not None:
+                demo.close()
 
 
 @pytest.fixture(scope="module")
@@ -526,36 +536,31 @@ def test_output_folder_removes_old_results(tmp_path):
 
 def test_gradio_cache_deletes_old_uploads_and_results(tmp_path):
     temp = tmp_path / "cache"
-    saved = os.environ.get("GRADIO_TEMP_DIR")
-    os.environ["GRADIO_TEMP_DIR"] = str(temp)
     demo = None
-    try:
-        with pytest.raises(ValueError, match="cache_s"):
-            app.build_app(weights_dir=make_weights(tmp_path), cache_s=0)
-        demo = app.build_app(weights_dir=tmp_path / "weights", default_model="tiny", device="cpu", cache_s=1)
-        launch(demo)
-        served = Served(demo, tmp_path, temp)
-        src = tmp_path / "photo.png"
-        Image.new("RGB", (16, 16), (20, 90, 160)).save(src)
-        result, _, _, _ = served.client(download_files=False).predict(
-            handle_file(str(src)), "tiny", "", "", 1.0, 1024, api_name="/stylize"
-        )
-        cached = Path(served_path(result))
-        assert cached.is_file() and httpx.get(result["url"]).status_code == 200
-        uploaded = [p for p in temp.rglob("photo.png")]
-        assert uploaded
-        deadline = time.monotonic() + 30
-        while (cached.exists() or any(p.exists() for p in uploaded)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not cached.exists() and not any(p.exists() for p in uploaded)
-        assert httpx.get(result["url"]).status_code in (403, 404)
-    finally:
-        if demo is not None:
-            demo.close()
-        if saved is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = saved
+    with gradio_temp_dir(temp):
+        try:
+            with pytest.raises(ValueError, match="cache_s"):
+                app.build_app(weights_dir=make_weights(tmp_path), cache_s=0)
+            demo = app.build_app(weights_dir=tmp_path / "weights", default_model="tiny", device="cpu", cache_s=1)
+            launch(demo)
+            served = Served(demo, tmp_path, temp)
+            src = tmp_path / "photo.png"
+            Image.new("RGB", (16, 16), (20, 90, 160)).save(src)
+            result, _, _, _ = served.client(download_files=False).predict(
+                handle_file(str(src)), "tiny", "", "", 1.0, 1024, api_name="/stylize"
+            )
+            cached = Path(served_path(result))
+            assert cached.is_file() and httpx.get(result["url"]).status_code == 200
+            uploaded = [p for p in temp.rglob("photo.png")]
+            assert uploaded
+            deadline = time.monotonic() + 30
+            while (cached.exists() or any(p.exists() for p in uploaded)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not cached.exists() and not any(p.exists() for p in uploaded)
+            assert httpx.get(result["url"]).status_code in (403, 404)
+        finally:
+            if demo is not None:
+                demo.close()
 
 
 # -- the README's "Launch options and limits" matches the code -------------------------------------
