@@ -63,7 +63,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_MODEL = "photo2ghibli"
 # the embedded StyleGAN2 generator for projection, neighbours and walks
 DEFAULT_GAN = "ghibli-stylegan2"
-# the embedded fast network for video (a StyleNet distilled from DEFAULT_MODEL)
+# the embedded fast network for video (a StyleNet trained on Ghibli style frames; see its card)
 DEFAULT_VIDEO_MODEL = "ghibli-video-fast"
 CARD_NAME = "README.md"
 DEFAULT_REVISION = "main"
@@ -372,7 +372,7 @@ def _checked_download(spec: ModelSpec, folder: Path, where: str, cache: Path) ->
 
 
 def default_video_model(weights_dir: str | Path = WEIGHTS_DIR) -> str:
-    """The embedded video model when installed, else the photo default (slower, same look)."""
+    """The embedded video model when installed, else the photo default (slower, another look)."""
     return DEFAULT_VIDEO_MODEL if DEFAULT_VIDEO_MODEL in embedded_models(weights_dir) else DEFAULT_MODEL
 
 
