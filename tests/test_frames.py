@@ -202,7 +202,7 @@ def test_workers_and_chunks_do_not_change_the_result(films):
     info = probe_video(films["letterbox"])
     one = FrameExtractor(size=48, workers=1)
     crop = one.find_bars(info)
-    chunked = FrameExtractor(size=48, workers=2, buffer_mb=0)  # 8-sample chunks: 3 ffmpeg runs
+    chunked = FrameExtractor(size=48, workers=2, spool_mb=0)  # 8-sample chunks: 3 ffmpeg runs
     a = [(kf.timestamp, kf.hash) for s in one.extract(info, crop=crop) for kf in s.kept]
     b = [(kf.timestamp, kf.hash) for s in chunked.extract(info, crop=crop) for kf in s.kept]
     assert [t for t, _ in a] == KEPT
@@ -211,6 +211,34 @@ def test_workers_and_chunks_do_not_change_the_result(films):
     # start/end: a window of the film, on the same sample grid
     win = [kf.timestamp for s in one.extract(info, crop=crop, start=5.9, end=7.1) for kf in s.kept]
     assert win == [6.0, 6.5, 7.0]
+    assert not _ffmpeg_children()
+
+
+def test_chunks_wait_on_disk_and_leave_nothing_behind(films, tmp_path, monkeypatch):
+    """Chunks decoded ahead go to a temporary folder; stopping early kills ffmpeg and removes it."""
+    import tempfile
+
+    spool_root = tmp_path / "spool"
+    spool_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool_root))
+    info = probe_video(films["letterbox"])
+    ex = FrameExtractor(size=48, workers=2, spool_mb=0)
+    crop = ex.find_bars(info)
+    whole = [t for t, _ in ex.samples(info, crop)]
+    assert whole == [k / 2 for k in range(22)]
+    assert list(spool_root.iterdir()) == []
+    seen = []
+    gen = ex.samples(info, crop)
+    for t, frame in gen:
+        seen.append(t)
+        if len(seen) == 3:
+            # the first chunk is read while it grows; the next ones are spooled beside it
+            spooled = [p for d in spool_root.iterdir() for p in d.iterdir() if p.suffix == ".rgb"]
+            assert 2 <= len(spooled) <= 3
+            break
+    gen.close()
+    assert seen == [0.0, 0.5, 1.0]
+    assert list(spool_root.iterdir()) == []
     assert not _ffmpeg_children()
 
 

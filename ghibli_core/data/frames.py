@@ -14,8 +14,9 @@ How the work is kept small (``exact=False``, the default):
 - When the output is at least 2x smaller than the source, the deblocking filter is skipped too
   (``-skip_loop_filter all``): its effect does not survive the downscale (measured > 44 dB PSNR
   on 256 px crops of a 720p H.264 film).
-- Long films are cut into chunks decoded by ``workers`` ffmpeg processes at once (one thread
-  each), read in order through a bounded buffer.
+- Long films are cut into a few long chunks decoded by ``workers`` ffmpeg processes at once
+  (one thread each). Each writes raw frames to a temporary file; the chunk in use is read as
+  it grows, the others wait on disk (bounded by ``spool_mb``), never in memory.
 
 Bars are found once per film from a few keyframes (decoded alone, ``-skip_frame nokey``).
 
@@ -36,9 +37,12 @@ import collections
 import math
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -395,7 +399,8 @@ class FrameExtractor:
         exact: decode every frame so each sample is the frame nearest its timestamp; by
             default B-frames are skipped (samples land on the nearest reference frame).
         workers: ffmpeg processes decoding chunks of a film at once (one thread each).
-        buffer_mb: bound on the decoded frames held in memory (chunks in flight).
+        spool_mb: bound on the disk space (temporary folder) of decoded frames waiting to be
+            read; a film is cut into as few equal chunks per worker as this allows.
     """
 
     fps: float = 2.0
@@ -407,7 +412,7 @@ class FrameExtractor:
     hash: str = "phash"
     exact: bool = False
     workers: int = 2
-    buffer_mb: int = 64
+    spool_mb: int = 1024
 
     def __post_init__(self) -> None:
         if not (self.fps > 0 and math.isfinite(self.fps)):
@@ -420,11 +425,13 @@ class FrameExtractor:
             raise ValueError(f"dup_threshold must be between 0 and 64 bits (or None), got {self.dup_threshold}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.spool_mb < 0:
+            raise ValueError(f"spool_mb must be >= 0, got {self.spool_mb}")
 
     def settings(self) -> dict:
         """The options that decide which frames come out (a resumed job must not change them)."""
         d = asdict(self)
-        for k in ("workers", "buffer_mb"):
+        for k in ("workers", "spool_mb"):
             d.pop(k)
         return d
 
@@ -483,8 +490,8 @@ class FrameExtractor:
     ) -> Iterator[tuple[float, np.ndarray]]:
         """``(timestamp, uint8 (H, W, 3) RGB)`` for every sample from ``start`` to ``end`` seconds.
 
-        Timestamps are on the grid ``k / fps``. Streams from ffmpeg: at most the chunks in
-        flight (``buffer_mb``) are in memory.
+        Timestamps are on the grid ``k / fps``. Streams from ffmpeg, one frame in memory at a
+        time; with several workers, chunks decoded ahead wait on disk (at most ``spool_mb``).
         """
         chain, out_w, out_h, downscaled = self._filters(info, crop)
         shape = (out_h, out_w, 3)
@@ -494,14 +501,15 @@ class FrameExtractor:
         decode = [] if self.exact else ["-skip_frame", "bidir"] + (["-skip_loop_filter", "all"] if downscaled else [])
         frame_bytes = out_w * out_h * 3
 
-        def command(ka: int, kb: int | None, threads: int) -> list[str]:
-            cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", str(threads), *decode]
+        def command(ka: int, kb: int | None, threads: int, output: str = "pipe:1") -> list[str]:
+            cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-threads", str(threads),
+                   *decode]
             if ka > 0:
                 cmd += ["-ss", f"{ka / self.fps:.6f}"]
             cmd += ["-i", str(info.path), "-map", "0:V:0", "-an", "-sn", "-dn", "-vf", chain]
             if kb is not None:
                 cmd += ["-frames:v", str(kb - ka)]
-            return cmd + ["-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1"]
+            return cmd + ["-pix_fmt", "rgb24", "-f", "rawvideo", output]
 
         if k1 is not None and k1 <= k0:
             return
@@ -510,9 +518,15 @@ class FrameExtractor:
             for j, frame in enumerate(_pipe_frames(command(k0, k1, 0), shape, info.path)):
                 yield (k0 + j) / self.fps, frame
             return
-        per_chunk = max(8, min(600, self.buffer_mb * 2**20 // ((self.workers + 1) * frame_bytes)))
+        # equal chunks, a multiple of the workers in number, as few as the spool bound allows:
+        # every chunk costs a seek back to a keyframe and a new ffmpeg
+        total = k1 - k0
+        max_chunk = max(8, self.spool_mb * 2**20 // ((self.workers + 1) * frame_bytes))
+        n_chunks = self.workers * -(-total // (self.workers * max_chunk))
+        per_chunk = max(8, -(-total // n_chunks))
         bounds = [(a, min(a + per_chunk, k1)) for a in range(k0, k1, per_chunk)]
-        yield from _parallel_chunks(bounds, lambda a, b: command(a, b, 1), shape, info.path, self.fps, self.workers)
+        yield from _spooled_chunks(
+            bounds, lambda a, b, out: command(a, b, 1, out), shape, info.path, self.fps, self.workers)
 
     # -- 3. choosing --
     def curate(
@@ -669,70 +683,127 @@ class _Pipe:
             first = [e if len(e) <= 160 else e[:157] + "..." for e in self.errors if e][:2]
             raise VideoError(f"{path}: ffmpeg failed (exit {rc}): {'; '.join(first) or 'no details'}")
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
 
-
-def _pipe_frames(cmd: list[str], shape: tuple[int, int, int], path: Path, stop: threading.Event | None = None,
-                 live: set | None = None) -> Iterator[np.ndarray]:
+def _pipe_frames(cmd: list[str], shape: tuple[int, int, int], path: Path) -> Iterator[np.ndarray]:
     nbytes = shape[0] * shape[1] * shape[2]
     pipe = _Pipe(cmd)
-    if live is not None:
-        live.add(pipe)
     done = False
     try:
-        while stop is None or not stop.is_set():
+        while True:
             buf = pipe.read(nbytes)
             if buf is None:
                 done = True
                 break
             yield np.frombuffer(buf, np.uint8).reshape(shape)
     finally:
-        if live is not None:
-            live.discard(pipe)
-        pipe.close(check=done and (stop is None or not stop.is_set()), path=path)
+        pipe.close(check=done, path=path)
 
 
-def _parallel_chunks(
-    bounds, command, shape, path: Path, fps: float, workers: int
+def _spooled_chunks(
+    bounds: list[tuple[int, int]], command, shape: tuple[int, int, int], path: Path, fps: float, workers: int
 ) -> Iterator[tuple[float, np.ndarray]]:
-    """Decode chunks ``[a, b)`` of sample indices in ``workers`` processes, yield in order.
+    """Decode chunks ``[a, b)`` of sample indices in ``workers`` ffmpeg processes; yield in order.
 
-    At most ``workers`` chunks are decoded ahead of the one being consumed, so memory is
-    bounded by ``(workers + 1) * chunk``.
+    Each process writes its raw frames into a file of its own in a temporary folder (the page
+    cache, not this process's memory); the chunk being consumed is read as it grows, and its
+    file is deleted once read. At most ``workers`` processes run and ``workers + 1`` files
+    exist at once, so the disk used is bounded by the chunk size. The folder and every process
+    are gone afterwards, also on errors or when the consumer stops early.
     """
-    stop = threading.Event()
-    live: set[_Pipe] = set()
+    frame_bytes = shape[0] * shape[1] * shape[2]
+    folder = Path(tempfile.mkdtemp(prefix="ghibli-frames-"))
+    todo = collections.deque(bounds)
+    queue: collections.deque[_Spool] = collections.deque()  # launched, not yet consumed
 
-    def run(a: int, b: int) -> list[np.ndarray]:
-        if stop.is_set():
-            return []
-        return list(_pipe_frames(command(a, b), shape, path, stop, live))
+    def launch() -> None:
+        running = sum(1 for s in queue if s.proc.poll() is None)
+        while todo and running < workers and len(queue) <= workers:
+            a, b = todo.popleft()
+            file = folder / f"{a}.rgb"
+            queue.append(_Spool(command(a, b, str(file)), file, a, b))
+            running += 1
 
-    pool = ThreadPoolExecutor(max_workers=workers)
-    queue: collections.deque[tuple[int, int, Future]] = collections.deque()
-    todo = iter(bounds)
     try:
-        for a, b in todo:
-            queue.append((a, b, pool.submit(run, a, b)))
-            if len(queue) >= workers:
-                break
+        launch()
         while queue:
-            a, b, fut = queue.popleft()
-            frames = fut.result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                queue.append((*nxt, pool.submit(run, *nxt)))
-            for j, frame in enumerate(frames):
-                yield (a + j) / fps, frame
-            if len(frames) < b - a:
+            spool = queue[0]
+            n = 0
+            while True:
+                buf = spool.read(frame_bytes, idle=launch)
+                if buf is None:
+                    break
+                yield (spool.a + n) / fps, np.frombuffer(buf, np.uint8).reshape(shape)
+                n += 1
+            spool.close(path=path)
+            queue.popleft()
+            if n < spool.b - spool.a:
                 break  # the film ended inside this chunk: later chunks are past its end
+            launch()
     finally:
-        stop.set()
-        for pipe in list(live):
-            pipe.kill()
-        pool.shutdown(wait=True, cancel_futures=True)
+        for spool in queue:
+            spool.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class _Spool:
+    """One ffmpeg process writing raw frames to ``file``, read back as it grows."""
+
+    def __init__(self, cmd: list[str], file: Path, a: int, b: int):
+        self.a, self.b, self.file = a, b, file
+        file.touch()
+        self.reader = open(file, "rb", buffering=0)
+        self.errors = open(file.with_suffix(".log"), "w+b")
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=self.errors)
+        except BaseException:
+            self.reader.close()
+            self.errors.close()
+            raise
+
+    def read(self, nbytes: int, idle=None) -> bytearray | None:
+        """The next frame, waiting for ffmpeg to write it; None at the end of the chunk."""
+        buf = bytearray(nbytes)
+        view, got = memoryview(buf), 0
+        while got < nbytes:
+            n = self.reader.readinto(view[got:])
+            if n:
+                got += n
+                continue
+            if self.proc.poll() is not None:
+                n = self.reader.readinto(view[got:])  # what was written just before it exited
+                if not n:
+                    break
+                got += n
+                continue
+            if idle is not None:
+                idle()
+            time.sleep(0.002)
+        if got == 0:
+            return None
+        if got < nbytes:
+            raise VideoError(f"ffmpeg stopped in the middle of a frame ({got} of {nbytes} bytes)")
+        return buf
+
+    def close(self, *, path: Path) -> None:
+        rc = self.proc.wait()
+        self.reader.close()
+        self.errors.seek(0)
+        text = self.errors.read().decode("utf-8", "replace")
+        self.errors.close()
+        self.file.unlink(missing_ok=True)
+        self.file.with_suffix(".log").unlink(missing_ok=True)
+        if rc != 0:
+            lines = [e.strip() for e in text.splitlines() if e.strip()]
+            first = [e if len(e) <= 160 else e[:157] + "..." for e in lines][:2]
+            raise VideoError(f"{path}: ffmpeg failed (exit {rc}): {'; '.join(first) or 'no details'}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.reader.close()
+        self.errors.close()
 
 
 # -- photos -------------------------------------------------------------------------------------
