@@ -45,6 +45,9 @@ _PRESETS = {
     "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
     "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
 }
+# a second, unrelated method (Farneback 2003, polynomial expansion), so that a measurement can
+# use another flow than the stabilizer it measures
+_METHODS = (*_PRESETS, "farneback")
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,9 @@ class FlowEstimator:
     """Optical flow between consecutive frames with a reliability mask and scene-cut detection.
 
     Args:
-        preset: DIS preset, ``"ultrafast"``, ``"fast"`` or ``"medium"`` (slower, finer).
+        preset: DIS preset, ``"ultrafast"``, ``"fast"`` or ``"medium"`` (slower, finer); or
+            ``"farneback"``, OpenCV's Farneback flow (a different method, slower: the warping
+            error's default, so it does not measure a stabilizer with that stabilizer's own flow).
         max_side: the flow is computed on frames downscaled so the longer side is at most this
             (and upscaled after); flow does not need full resolution and costs with the area.
         consistency: ``a`` of the forward-backward check (relative tolerance).
@@ -145,8 +150,8 @@ class FlowEstimator:
         cut_threshold: float = 0.4,
         min_reliable: float = 0.2,
     ):
-        if preset not in _PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(_PRESETS)}, got {preset!r}")
+        if preset not in _METHODS:
+            raise ValueError(f"preset must be one of {', '.join(_METHODS)}, got {preset!r}")
         if max_side < 16:
             raise ValueError(f"max_side must be at least 16, got {max_side}")
         if not 0 < cut_threshold <= 1:
@@ -161,7 +166,7 @@ class FlowEstimator:
         self.boundary_offset = boundary_offset
         self.cut_threshold = cut_threshold
         self.min_reliable = min_reliable
-        self._dis = cv2.DISOpticalFlow_create(_PRESETS[preset])
+        self._dis = cv2.DISOpticalFlow_create(_PRESETS[preset]) if preset in _PRESETS else None
         self._lock = threading.Lock()
 
     def _grey(self, frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -176,6 +181,13 @@ class FlowEstimator:
         ha = cv2.calcHist([a], [0], None, [32], [0, 256]).ravel()
         hb = cv2.calcHist([b], [0], None, [32], [0, 256]).ravel()
         return 0.5 * float(np.abs(ha / ha.sum() - hb / hb.sum()).sum())
+
+    def _calc(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Flow ``f`` with ``a(x) ~ b(x + f(x))``."""
+        if self._dis is not None:
+            return self._dis.calc(a, b, None)
+        # 5 pyramid levels (large motions), 15 px windows, 3 iterations per level
+        return cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 5, 15, 3, 5, 1.2, 0)
 
     def __call__(self, prev: np.ndarray, cur: np.ndarray) -> Motion:
         """The motion from ``prev`` to ``cur`` (uint8 ``(H, W, 3)`` frames of one size)."""
@@ -192,8 +204,8 @@ class FlowEstimator:
             return Motion(None, None, cut=True)
         # 2. flow both ways at the reduced size
         with self._lock:
-            back = self._dis.calc(g_cur, g_prev, None)  # cur(x) ~ prev(x + back(x))
-            fwd = self._dis.calc(g_prev, g_cur, None)  # prev(y) ~ cur(y + fwd(y))
+            back = self._calc(g_cur, g_prev)  # cur(x) ~ prev(x + back(x))
+            fwd = self._calc(g_prev, g_cur)  # prev(y) ~ cur(y + fwd(y))
         # 3. forward-backward consistency: following back then fwd returns to the start
         xs, ys = _grid(fh, fw)
         mx, my = xs + back[..., 0], ys + back[..., 1]
@@ -363,6 +375,7 @@ def evaluate_stability(
     *,
     strength: float | Sequence[float] = 0.5,
     flow: FlowEstimator | None = None,
+    metric_flow: FlowEstimator | None = None,
     batch_size: int = 4,
     on_output: Callable[[int, np.ndarray, dict[float, np.ndarray]], None] | None = None,
     progress: Callable[[int], None] | None = None,
@@ -374,7 +387,11 @@ def evaluate_stability(
         run_model: ``(N, 3, H, W)`` float32 in ``[-1, 1]`` -> the same shape (the stylizer).
         strength: the stabilizer's strength, or several to compare in one pass (the model and
             the flow run once; each strength gets its own stabilizer).
-        flow: the estimator used both for the metric and the stabilizers.
+        flow: the stabilizers' estimator.
+        metric_flow: the estimator of the measurement; None uses ``flow`` (then the metric
+            follows the very motion the stabilizers followed, and part of the reduction is
+            by construction: pass another method, e.g. ``FlowEstimator(preset="farneback")``,
+            for an independent measure).
         batch_size: frames per model call.
         on_output: called as ``on_output(index, stylized, {strength: stabilized})`` for every
             frame (e.g. to keep samples for KID).
@@ -396,6 +413,7 @@ def evaluate_stability(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     flow = flow or FlowEstimator()
     stabilizers = {s: TemporalStabilizer(strength=s, flow=flow) for s in strengths}
+    metric_flow = metric_flow or flow
     meters = {key: WarpingError() for key in ["input", "stylized", *strengths]}
     prev: dict | None = None
     n = 0
@@ -410,8 +428,9 @@ def evaluate_stability(
             stabilized = {s: stab(out, motion) for s, stab in stabilizers.items()}
             cur = {"input": frame, "stylized": out, **stabilized}
             if motion is not None:
+                measured = motion if metric_flow is flow else metric_flow(prev["input"], frame)
                 for key, meter in meters.items():
-                    meter.update(prev[key], cur[key], motion)
+                    meter.update(prev[key], cur[key], measured)
             if on_output is not None:
                 on_output(n, out, stabilized)
             prev = cur

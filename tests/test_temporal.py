@@ -77,6 +77,19 @@ def test_flow_finds_a_translation_and_flags_pixels_entering_the_frame():
     assert motion.reliable[:, :2].mean() < 0.5
 
 
+@pytest.mark.parametrize("preset", ["medium", "farneback"])
+def test_other_flow_methods_find_the_translation(preset):
+    a = texture()
+    b = shifted(a, 4, 1)
+    motion = FlowEstimator(preset=preset)(a, b)
+    inner = motion.flow[15:-15, 15:-15]
+    assert np.median(inner[..., 0]) == pytest.approx(-4, abs=0.3)
+    assert np.median(inner[..., 1]) == pytest.approx(-1, abs=0.3)
+    assert motion.reliable[15:-15, 20:-20].mean() > 0.9
+    with pytest.raises(ValueError, match="preset must be one of"):
+        FlowEstimator(preset="raft")
+
+
 def test_flow_is_computed_downscaled_for_big_frames():
     a = texture(240, 320)
     b = shifted(a, 6, 2)
@@ -172,6 +185,16 @@ def test_stabilization_lowers_the_warping_error_of_a_flickery_stylizer():
     assert result["reduction"] == pytest.approx(1 - result["stabilized"] / result["stylized"])
 
 
+def test_an_independent_metric_flow_still_sees_the_flicker_removed():
+    """The measure can follow another flow than the stabilizer's (no reduction by construction)."""
+    frames = panning(16)
+    same = evaluate_stability(frames, flickery(), strength=0.6)
+    other = evaluate_stability(frames, flickery(), strength=0.6, metric_flow=FlowEstimator(preset="farneback"))
+    assert other["stylized"] != same["stylized"]  # measured along another flow
+    assert other["input"] < 0.002 and other["stylized"] > 10 * other["input"]
+    assert other["stabilized"] < 0.6 * other["stylized"]
+
+
 def test_stronger_stabilization_removes_more_flicker():
     frames = panning(12)
     seen = []
@@ -244,6 +267,11 @@ def test_evaluate_video_command(tmp_path, capsys):
     assert record["strength"] == 0.3 and [r["strength"] for r in record["sweep"]] == [0.3, 0.8]
     assert record["sweep"][1]["stabilized"] < record["sweep"][0]["stabilized"] < record["stylized"]
     assert record["input"] >= 0
+    assert record["metric_flow"] == "farneback" and "independent flow (farneback)" in printed
+    assert main(["evaluate", "video", str(clip), "--model", str(tmp_path / "model"), "--height", "original",
+                 "--metric-flow", "same", "--json", str(out)]) == 0
+    assert "the stabilizer's own flow" in capsys.readouterr().out
+    assert json.loads(out.read_text())["metric_flow"] == "same"
     # the photo form still parses as before
     args = build_parser().parse_args(["evaluate", "--model", "m", "--photos", "p", "--frames", "f"])
     assert args.task is None and args.photos == Path("p")

@@ -119,6 +119,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--stability", type=_strengths, default=[0.5], metavar="S[,S...]",
         help="stabilization strength in [0, 1], or several to compare in one pass, e.g. 0.3,0.5,0.8 (default 0.5)",
     )
+    video.add_argument(
+        "--metric-flow", choices=["farneback", "same", "fast", "medium"], default="farneback",
+        help="optical flow of the warping error: farneback (default: another method than the stabilizer's DIS, "
+             "an independent measure), same (the stabilizer's own flow, as before: part of the reduction is then "
+             "by construction), or a DIS preset at full resolution",
+    )
     video.add_argument("--start", type=parse_time, default=0.0, metavar="T", help="start at T seconds (default 0)")
     video.add_argument("--end", type=parse_time, default=None, metavar="T", help="stop at T seconds (default: the end)")
 
@@ -254,7 +260,9 @@ def format_video_table(result: dict) -> str:
         lines.append(row)
     lines.append(
         f"{result['frames']} frames ({result['pairs']} pairs, {result['cuts']} at scene cuts skipped) at "
-        f"{result['width']}x{result['height']}"
+        f"{result['width']}x{result['height']}; warping measured with "
+        + ("the stabilizer's own flow" if result.get("metric_flow", "same") == "same"
+           else f"an independent flow ({result['metric_flow']})")
     )
     if kid:
         lines.append(f"KID against {kid['frames']} Ghibli frames, {kid['samples']} output frames each")
@@ -269,7 +277,7 @@ def run_video(args: argparse.Namespace) -> int:
 
     from ..hub import default_video_model, load
     from ..imaging import center_crop_resize
-    from ..temporal import evaluate_stability
+    from ..temporal import FlowEstimator, evaluate_stability
     from ..video import FrameReader, as_frame_model, auto_batch_size, expected_frames, output_size, probe
 
     if args.clip is None:
@@ -307,11 +315,12 @@ def run_video(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with FrameReader(info, size=size, start=args.start, end=args.end) as reader, \
             tqdm(total=total, desc="evaluate video", unit="frame") as bar:
+        metric_flow = None if args.metric_flow == "same" else FlowEstimator(preset=args.metric_flow, max_side=1 << 16)
         result = evaluate_stability(
-            reader, run_model, strength=args.stability, batch_size=batch_size, on_output=keep,
+            reader, run_model, strength=args.stability, metric_flow=metric_flow, batch_size=batch_size, on_output=keep,
             progress=lambda n: bar.update(n - bar.n),
         )
-    result.update(width=size[0], height=size[1])
+    result.update(width=size[0], height=size[1], metric_flow=args.metric_flow)
 
     # 3. optional: KID of both outputs against real Ghibli frames (does stabilizing cost style?)
     if frame_paths is not None:
