@@ -339,6 +339,9 @@ def test_cli_frames_interrupt_and_resume(films, tmp_path, monkeypatch):
     monkeypatch.setattr(FrameExtractor, "curate", interrupted)
     assert main(["prepare", "frames", str(films["letterbox"]), "--out", str(out), "--size", "64"]) == 130
     assert not _ffmpeg_children()
+    import tempfile
+
+    assert not list(Path(tempfile.gettempdir()).glob("ghibli-frames-*"))  # the chunks' spool folder is gone
     partial = _names(out)
     assert 0 < len(partial) < len(KEPT)
     state = json.loads((out / ".prepare.json").read_text())
