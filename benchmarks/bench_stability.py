@@ -18,7 +18,9 @@ levels), encoded with x264 (CRF 23) and decoded again, as an uploaded clip would
 - ``object``: a slow pan with a piece of another photo crossing the frame at 10 px/frame (two
   motions, occlusions and disocclusions at its edges);
 - ``film``: old film: a still camera with gate weave (random 0.7 px shakes), exposure flicker
-  (+-4 %), heavy grain (sigma 6) in black and white.
+  (+-4 %), heavy grain (sigma 6) in black and white;
+- ``wobble``: non-rigid motion: a still camera on a picture that bends like cloth or water
+  (travelling waves of 6 px amplitude, 160 px wavelength; ~2 px/frame of local motion).
 
 Every pixel's position in the previous frame follows from the camera path and the object's:
 that is the true flow; pixels whose source lies outside the previous frame, was hidden by the
@@ -63,6 +65,9 @@ MOTIONS = {
     # old film: a still camera with gate weave (random 0.7 px shakes), exposure flicker (4 %),
     # heavy grain, black and white
     "film": dict(pan=(0.0, 0.0), zoom=1.0, turn=0.0, weave=0.7, flicker=0.04, grain=6.0, grey=True),
+    # non-rigid: a still camera on a picture that bends like cloth or water (waves of 6 px
+    # amplitude and 160 px wavelength travelling through it, ~2 px/frame of local motion)
+    "wobble": dict(pan=(0.0, 0.0), zoom=1.0, turn=0.0, wobble=(6.0, 160.0, 0.05)),
 }
 SPRITE = (160, 120)
 
@@ -118,7 +123,24 @@ def alpha_at(t: float, motion: dict) -> np.ndarray:
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
+def bend(x: np.ndarray, y: np.ndarray, t: float, motion: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The wobble's displacement ``d_t`` at frame pixels ``(x, y)``: frame ``t`` shows at x what the
+    still picture shows at ``x + d_t(x)``."""
+    amp, wavelength, speed = motion["wobble"]
+    phase = 2 * math.pi * speed * t
+    k = 2 * math.pi / wavelength
+    return amp * np.sin(k * y + phase), amp * np.sin(k * x + 1.3 * phase)
+
+
 def render(src: np.ndarray, sprite: np.ndarray, t: float, motion: dict) -> np.ndarray:
+    if "wobble" in motion:
+        xs, ys = np.meshgrid(np.arange(W, dtype=np.float64), np.arange(H, dtype=np.float64))
+        dx, dy = bend(xs, ys, t, motion)
+        inv = np.linalg.inv(camera(src.shape, t, motion))
+        qx, qy = xs + dx, ys + dy
+        sx = (inv[0, 0] * qx + inv[0, 1] * qy + inv[0, 2]).astype(np.float32)
+        sy = (inv[1, 0] * qx + inv[1, 1] * qy + inv[1, 2]).astype(np.float32)
+        return cv2.remap(src, sx, sy, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
     frame = cv2.warpAffine(src, camera(src.shape, t, motion)[:2], (W, H), flags=cv2.INTER_CUBIC,
                            borderMode=cv2.BORDER_REFLECT)
     if "sprite" not in motion:
@@ -155,8 +177,19 @@ def true_motion(src_shape, t: int, frames: int, motion: dict):
     mid = frames / 2
     to_prev = camera(src_shape, t - 1 - mid, motion) @ np.linalg.inv(camera(src_shape, t - mid, motion))
     xs, ys = np.meshgrid(np.arange(W, dtype=np.float64), np.arange(H, dtype=np.float64))
-    px = to_prev[0, 0] * xs + to_prev[0, 1] * ys + to_prev[0, 2]
-    py = to_prev[1, 0] * xs + to_prev[1, 1] * ys + to_prev[1, 2]
+    qx, qy = xs, ys
+    if "wobble" in motion:
+        dx, dy = bend(xs, ys, t - mid, motion)
+        qx, qy = xs + dx, ys + dy  # where the picture point shown at x sits without the wobble
+    px = to_prev[0, 0] * qx + to_prev[0, 1] * qy + to_prev[0, 2]
+    py = to_prev[1, 0] * qx + to_prev[1, 1] * qy + to_prev[1, 2]
+    if "wobble" in motion:
+        # the previous frame shows that point at y with y + d_{t-1}(y) = p: a fixed point
+        # (the bend is a contraction: amplitude x wavenumber < 1)
+        zx, zy = px, py
+        for _ in range(30):
+            dx, dy = bend(px, py, t - 1 - mid, motion)
+            px, py = zx - dx, zy - dy
     flow = np.stack([px - xs, py - ys], -1).astype(np.float32)
     inside = (px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)
     if "sprite" not in motion:
