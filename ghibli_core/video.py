@@ -107,6 +107,11 @@ class VideoInfo:
         variable_frame_rate: the frame spacing is irregular (decoding resamples to ``fps``).
         frame_count: decodable video frames in the stream.
         duration: seconds of video (``frame_count / fps`` for a constant rate).
+
+    From ``probe(path, count_frames=False)`` (the header alone): ``frame_count`` is None,
+    ``fps`` and ``duration`` are what the header states (None when it does not),
+    ``variable_frame_rate`` is False and the start times are 0; enough to size and sample a
+    film, not for the video pipeline.
         video_start: seconds from the file's start to the first video frame.
         audio_codec: codec of the first audio stream, or None when there is none.
         audio_index: that stream's index in the file.
@@ -122,10 +127,10 @@ class VideoInfo:
     height: int
     rotation: int
     sample_aspect: Fraction
-    fps: Fraction
+    fps: Fraction | None
     variable_frame_rate: bool
-    frame_count: int
-    duration: float
+    frame_count: int | None
+    duration: float | None
     video_start: float = 0.0
     audio_codec: str | None = None
     audio_index: int | None = None
@@ -142,10 +147,13 @@ class VideoInfo:
 
     def describe(self) -> str:
         """One line for logs and the app: size, rate, duration, audio."""
-        rate = f"{float(self.fps):.3g} fps" + (" (variable)" if self.variable_frame_rate else "")
+        rate = "unknown frame rate" if self.fps is None else f"{float(self.fps):.3g} fps"
+        rate += " (variable)" if self.variable_frame_rate else ""
         rot = f", rotated {self.rotation}°" if self.rotation else ""
         audio = f", {self.audio_codec} audio" if self.has_audio else ", no audio"
-        return f"{self.width}x{self.height}{rot}, {rate}, {self.frame_count} frames, {self.duration:.2f} s{audio}"
+        count = "" if self.frame_count is None else f", {self.frame_count} frames"
+        length = "unknown duration" if self.duration is None else f"{self.duration:.2f} s"
+        return f"{self.width}x{self.height}{rot}, {rate}{count}, {length}{audio}"
 
 
 _STREAM_RE = re.compile(
@@ -292,8 +300,12 @@ def _header_rate(rest: str) -> Fraction | None:
     return _snap_rate(rate) if rate else None
 
 
-def probe(path: PathLike) -> VideoInfo:
+def probe(path: PathLike, *, count_frames: bool = True) -> VideoInfo:
     """Inspect a video file without decoding it.
+
+    ``count_frames=False`` reads the header alone (see :class:`VideoInfo`): instant however
+    long the film, where the default also reads every packet's timestamp (exact frame count,
+    frame rate and start times; a second or two for a feature film).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -334,6 +346,14 @@ def probe(path: PathLike) -> VideoInfo:
     if rotation in (90, 270):
         w, h = h, w
     audio = audios[0] if audios else None
+    if not count_frames:
+        return VideoInfo(
+            path=path, container=container, video_codec=v.codec, video_index=v.index, coded_size=coded,
+            width=w, height=h, rotation=rotation, sample_aspect=sar, fps=_header_rate(v.rest),
+            variable_frame_rate=False, frame_count=None, duration=header_duration,
+            audio_codec=audio.codec if audio else None, audio_index=audio.index if audio else None,
+            audio_start=0.0 if audio else None,
+        )
 
     # 2. the packets: frame count, exact or average frame rate, start times
     tb, pts, durations, audio_first = _packets(path, v.index, audio.index if audio else None)
@@ -412,6 +432,9 @@ class VideoLimits:
 def _segment(info: VideoInfo, start: float, end: float | None) -> tuple[float, float]:
     """Validated ``(start, end)`` seconds of the part to process."""
     name = info.path.name
+    if info.frame_count is None:
+        raise ValueError(f"{name}: this information comes from the header alone (probe(..., count_frames=False)); "
+                         f"processing a video needs probe(path)")
     if not (math.isfinite(start) and start >= 0):
         raise ValueError(f"start must be a time in seconds >= 0, got {start}")
     if start >= info.duration:

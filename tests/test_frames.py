@@ -120,7 +120,8 @@ def _ffmpeg_children() -> list[str]:
 # -- probing and bars ---------------------------------------------------------------------------
 def test_probe_video(films):
     info = probe_video(films["letterbox"])
-    assert (info.width, info.height, info.fps, info.codec) == (W, H, 24.0, "h264")
+    assert (info.width, info.height, info.fps, info.video_codec) == (W, H, 24, "h264")
+    assert info.frame_count is None  # the header alone
     assert info.duration == pytest.approx(10.75, abs=0.05)
 
 
@@ -132,7 +133,7 @@ def test_probe_rejects_what_is_not_a_video(tmp_path):
     audio = tmp_path / "audio.m4a"
     subprocess.run([ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i", "anullsrc=r=8000:cl=mono", "-t", "0.5",
                     "-c:a", "aac", str(audio)], check=True)
-    for path, words in ((text, "not a video"), (empty, "empty"), (audio, "no video stream"), (tmp_path / "gone.mp4", "no such")):
+    for path, words in ((text, "could not be opened as a video"), (empty, "empty"), (audio, "no video stream"), (tmp_path / "gone.mp4", "no such")):
         with pytest.raises(VideoError, match=words) as err:
             probe_video(path)
         assert path.name in str(err.value)

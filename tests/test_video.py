@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ghibli_core import video as V
-from ghibli_core.video import VideoError, VideoLimits, probe, stylize_video
+from ghibli_core.video import FrameReader, VideoError, VideoLimits, probe, stylize_video
 
 FFMPEG = V.ffmpeg_exe()
 SHARED_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "video"
@@ -120,6 +120,20 @@ def test_probe_applies_rotation_metadata(clips):
     info = probe(clips["rotated"])
     assert info.rotation in (90, 270)
     assert (info.width, info.height) == (60, 80) and info.coded_size == (80, 60)
+
+
+def test_probe_of_the_header_alone(clips):
+    """count_frames=False: sizes, rotation, rate and duration from the header, no frame count."""
+    for name in ("audio", "rotated"):
+        full, head = probe(clips[name]), probe(clips[name], count_frames=False)
+        assert (head.width, head.height, head.rotation, head.coded_size) == (full.width, full.height, full.rotation,
+                                                                               full.coded_size)
+        assert head.fps == full.fps and head.duration == pytest.approx(full.duration, abs=0.1)
+        assert head.frame_count is None and head.has_audio == full.has_audio
+        assert "frames" not in head.describe()
+        # the pipeline needs the packets' figures: a header-only info is refused, not guessed from
+        with pytest.raises(ValueError, match="header alone"):
+            FrameReader(head)
 
 
 def test_probe_detects_variable_frame_rate(clips):

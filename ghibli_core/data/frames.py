@@ -36,7 +36,6 @@ from __future__ import annotations
 import collections
 import math
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -44,7 +43,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -53,6 +51,7 @@ import numpy as np
 from PIL import Image
 
 from ..imaging import center_crop_resize, resize_max_side
+from ..video import VideoError, VideoInfo, ffmpeg_exe, probe
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -85,18 +84,6 @@ VIDEO_EXTENSIONS: frozenset[str] = frozenset(
 _EXTS = ", ".join(sorted(VIDEO_EXTENSIONS))
 
 
-class VideoError(ValueError):
-    """A file that is not a readable video, or a video ffmpeg failed on."""
-
-
-@lru_cache(maxsize=1)
-def ffmpeg_exe() -> str:
-    """The ffmpeg binary bundled with ``imageio-ffmpeg`` (no system ffmpeg is needed)."""
-    import imageio_ffmpeg
-
-    return imageio_ffmpeg.get_ffmpeg_exe()
-
-
 def list_videos(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Video files named by ``paths`` (files, or folders searched recursively by extension).
 
@@ -126,67 +113,18 @@ def list_videos(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tu
 
 
 # -- probing --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class VideoInfo:
-    """What ``ffmpeg -i`` says about a file's first video stream (sizes after rotation)."""
-
-    path: Path
-    width: int
-    height: int
-    duration: float | None  # seconds; None when the container does not say
-    fps: float | None
-    codec: str
-
-
-_STREAM = re.compile(r"^\s*Stream #\d+:\d+.*?: Video: (\w+)(.*)$")
-_SIZE = re.compile(r"[ ,](\d{1,5})x(\d{1,5})(?=[ ,\[]|$)")
-_DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
-_ROTATION = re.compile(r"rotation of (-?[\d.]+) degrees")
-
-
 def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Size, duration and frame rate of ``path``'s first video stream.
+    """Size and duration of ``path``'s first video stream (upright), from its header alone:
+    :func:`ghibli_core.video.probe` without the pass over every packet, so a feature film is
+    probed at once.
 
     Raises:
         VideoError: missing or empty file, not a container ffmpeg can read, no video stream.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise VideoError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise VideoError(f"{path} is empty (0 bytes)")
-    proc = subprocess.run(
-        [ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(path)],
-        stdin=subprocess.DEVNULL, capture_output=True, timeout=120,
-    )
-    text = proc.stderr.decode("utf-8", "replace")
-    if "Input #0" not in text:
-        last = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        raise VideoError(f"{path} is not a video ffmpeg can read ({last[-1] if last else 'no details'})")
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        m = _STREAM.match(line)
-        if not m or "attached pic" in line:
-            continue
-        codec, rest = m.groups()
-        size = _SIZE.search(rest)
-        if not size:
-            continue
-        w, h = int(size.group(1)), int(size.group(2))
-        for follow in lines[i + 1 : i + 8]:  # side data (display matrix) follows the stream line
-            if _STREAM.match(follow) or follow.lstrip().startswith("Stream #"):
-                break
-            rot = _ROTATION.search(follow)
-            if rot and round(abs(float(rot.group(1)))) % 180 == 90:
-                w, h = h, w  # ffmpeg rotates the frames it decodes
-        fps = re.search(r"([\d.]+) fps", rest) or re.search(r"([\d.]+) tbr", rest)
-        d = _DURATION.search(text)
-        duration = int(d.group(1)) * 3600 + int(d.group(2)) * 60 + float(d.group(3)) if d else None
-        return VideoInfo(
-            path=path, width=w, height=h, duration=duration or None,
-            fps=float(fps.group(1)) if fps else None, codec=codec,
-        )
-    raise VideoError(f"{path} has no video stream")
+    try:
+        return probe(path, count_frames=False)
+    except FileNotFoundError:
+        raise VideoError(f"{path}: no such file") from None
 
 
 # -- frame statistics and perceptual hashes --------------------------------------------------
