@@ -1,0 +1,78 @@
+"""CUDA paths: run with ``python -m pytest -m gpu`` on a machine with a GPU (skipped elsewhere).
+
+The default run (``-m "not slow and not gpu"``) leaves them out; CI has no GPU. They check what
+only a GPU can: the stylizer's half-precision path against float32 on the CPU (the speed bar's
+accuracy condition, PSNR >= 35 dB), the video pipeline on CUDA, and a few CycleGAN training
+steps under mixed precision.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ghibli_core.hub import load
+from ghibli_core.stylize import Stylizer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
+
+
+def _photo(side: int = 512) -> Image.Image:
+    found = sorted(PHOTOS.glob("*.jpg")) if PHOTOS.is_dir() else []
+    if found:
+        img = Image.open(found[0]).convert("RGB")
+        return img.resize((side, side * img.height // img.width))
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+
+
+def _psnr(a: Image.Image, b: Image.Image) -> float:
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.mark.parametrize("name", ["photo2ghibli", "ghibli-video-fast"])
+def test_cuda_auto_precision_is_half_and_close_to_fp32(name):
+    model = load(name, map_location="cpu")
+    fast = Stylizer(model, device="cuda")
+    assert fast.dtype == torch.float16
+    exact = Stylizer(model, device="cpu", precision="fp32", fuse=False, channels_last=False)
+    img = _photo()
+    out = fast(img)
+    assert out.size == img.size
+    assert _psnr(out, exact(img)) >= 35.0
+
+
+def test_video_pipeline_on_cuda(tmp_path):
+    from test_video import make_clip
+
+    from ghibli_core.video import probe, stylize_video
+
+    src = make_clip(tmp_path / "clip.mp4", size=(128, 96), rate=10, seconds=1)
+    model = load("ghibli-video-fast", map_location="cpu")
+    result = stylize_video(src, tmp_path / "out.mp4", model, height=None, device="cuda")
+    info = probe(result.path)
+    assert info.frame_count == 10 and (info.width, info.height) == (128, 96)
+
+
+def test_cyclegan_trains_a_few_steps_with_mixed_precision(tmp_path):
+    from test_training import _cfg, _make_domain
+
+    from ghibli_core.training.cyclegan import train_cyclegan
+
+    a = _make_domain(tmp_path / "photos", 5, warm=False, seed=1)
+    b = _make_domain(tmp_path / "frames" / "film1", 4, warm=True, seed=2)
+    _make_domain(tmp_path / "frames" / "film2", 3, warm=True, seed=3)
+    generator = train_cyclegan(_cfg((a, b.parent), tmp_path / "run", mixed_precision="auto"), progress=False)
+    weights = load_file(str(generator / "model.safetensors"))
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
