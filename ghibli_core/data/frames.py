@@ -578,6 +578,12 @@ def _widen_pipe(stream, size: int = 1 << 20) -> None:
         pass  # not Linux, or over /proc/sys/fs/pipe-max-size: the default buffer still works
 
 
+def _ffmpeg_failed(path: Path, rc: int, messages: Sequence[str]) -> VideoError:
+    # the first messages name the cause; the rest is ffmpeg tearing its threads down
+    first = [e if len(e) <= 160 else e[:157] + "..." for e in messages if e][:2]
+    return VideoError(f"{path}: ffmpeg failed (exit {rc}): {'; '.join(first) or 'no details'}")
+
+
 class _Pipe:
     """One ffmpeg process whose stdout is read frame by frame; stderr is drained by a thread."""
 
@@ -617,9 +623,7 @@ class _Pipe:
         self.proc.stdout.close()
         self.proc.stderr.close()
         if check and rc != 0:
-            # the first messages name the cause; the rest is ffmpeg tearing its threads down
-            first = [e if len(e) <= 160 else e[:157] + "..." for e in self.errors if e][:2]
-            raise VideoError(f"{path}: ffmpeg failed (exit {rc}): {'; '.join(first) or 'no details'}")
+            raise _ffmpeg_failed(path, rc, self.errors)
 
 
 def _pipe_frames(cmd: list[str], shape: tuple[int, int, int], path: Path) -> Iterator[np.ndarray]:
@@ -732,9 +736,7 @@ class _Spool:
         self.file.unlink(missing_ok=True)
         self.file.with_suffix(".log").unlink(missing_ok=True)
         if rc != 0:
-            lines = [e.strip() for e in text.splitlines() if e.strip()]
-            first = [e if len(e) <= 160 else e[:157] + "..." for e in lines][:2]
-            raise VideoError(f"{path}: ffmpeg failed (exit {rc}): {'; '.join(first) or 'no details'}")
+            raise _ffmpeg_failed(path, rc, [e.strip() for e in text.splitlines()])
 
     def kill(self) -> None:
         if self.proc.poll() is None:
