@@ -3,12 +3,14 @@
 
 Example, scoring on held-out films only::
 
-    python -m ghibli_core evaluate --model weights/cyclegan_default \\
+    python -m ghibli_core evaluate --model weights/photo2ghibli \\
         --photos ../shared/data/photos --frames ../shared/data/ghibli_frames \\
         --films howls_moving_castle,kikis_delivery_service,ponyo --json runs/eval.json
 
-and a clip (the warping error of the input, of the frames stylized one by one, and stabilized;
-with ``--frames``, also the KID of both outputs against real Ghibli frames)::
+and a clip (the warping error of the input, of the frames stylized one by one, and stabilized,
+measured along Farneback's optical flow, another method than the stabilizer's, unless
+``--metric-flow same``; with ``--frames``, also the KID of both outputs against real Ghibli
+frames)::
 
     python -m ghibli_core evaluate video clip.mp4 --model photo2ghibli --height 360 --stability 0.5 \\
         --frames ../shared/data/ghibli_frames --films ponyo --json runs/video_eval.json
