@@ -20,11 +20,14 @@ levels), encoded with x264 (CRF 23) and decoded again, as an uploaded clip would
 - ``film``: old film: a still camera with gate weave (random 0.7 px shakes), exposure flicker
   (+-4 %), heavy grain (sigma 6) in black and white;
 - ``wobble``: non-rigid motion: a still camera on a picture that bends like cloth or water
-  (travelling waves of 6 px amplitude, 160 px wavelength; ~2 px/frame of local motion).
+  (travelling waves of 6 px amplitude, 160 px wavelength; ~2 px/frame of local motion);
+- ``crowd``: people-like motion: six narrow upright pieces of other photos walking every way
+  at 2-6 px/frame, each turning slowly, crossing and hiding one another and the background.
 
-Every pixel's position in the previous frame follows from the camera path and the object's:
-that is the true flow; pixels whose source lies outside the previous frame, was hidden by the
-object there, or lies on the object's (blended) edge are the occluded ones.
+Every pixel's position in the previous frame follows from the camera path and the pieces':
+that is the true flow; pixels whose source lies outside the previous frame, showed another
+surface there (hidden by or behind a piece), or lies on a piece's (blended) edge are the
+occluded ones.
 
 Each clip is stylized frame by frame with the model (``--model``, default: the default video
 model), stabilized by :class:`ghibli_core.temporal.TemporalStabilizer` at each strength (its
@@ -61,15 +64,24 @@ MOTIONS = {
     "fast": dict(pan=(8.0, 2.0), zoom=1.004, turn=0.25),
     # a slow pan with an object (a 160x120 piece of another photo) crossing at 10 px/frame:
     # occlusions and disocclusions at its edges, two motions in one frame
-    "object": dict(pan=(1.5, 0.4), zoom=1.0, turn=0.0, sprite=(10.0, 3.0)),
+    "object": dict(pan=(1.5, 0.4), zoom=1.0, turn=0.0,
+                   sprites=[dict(size=(160, 120), centre=(W / 2, H / 2), velocity=(10.0, 3.0), spin=0.0)]),
     # old film: a still camera with gate weave (random 0.7 px shakes), exposure flicker (4 %),
     # heavy grain, black and white
     "film": dict(pan=(0.0, 0.0), zoom=1.0, turn=0.0, weave=0.7, flicker=0.04, grain=6.0, grey=True),
     # non-rigid: a still camera on a picture that bends like cloth or water (waves of 6 px
     # amplitude and 160 px wavelength travelling through it, ~2 px/frame of local motion)
     "wobble": dict(pan=(0.0, 0.0), zoom=1.0, turn=0.0, wobble=(6.0, 160.0, 0.05)),
+    # people-like: six narrow upright pieces walking every way at 2-6 px/frame, each turning a
+    # little, crossing and hiding one another in front of a still background
+    "crowd": dict(pan=(0.0, 0.0), zoom=1.0, turn=0.0, sprites=[
+        dict(size=(40, 100), centre=(cx, cy), velocity=(vx, vy), spin=spin)
+        for cx, cy, vx, vy, spin in [
+            (120, 180, 4.0, 0.5, 0.8), (360, 170, -5.0, 0.3, -1.0), (240, 220, 2.0, -1.0, 1.2),
+            (200, 140, -3.0, 0.8, -0.6), (300, 250, 6.0, -0.5, 0.5), (150, 260, -2.5, -0.7, -1.4),
+        ]
+    ]),
 }
-SPRITE = (160, 120)
 
 
 def sources(n: int, frames: int) -> list[np.ndarray]:
@@ -111,16 +123,37 @@ def camera(src_shape, t: float, motion: dict) -> np.ndarray:
     return m
 
 
-def sprite_at(t: float, motion: dict) -> np.ndarray:
-    """2x3 matrix placing the object at frame ``t`` (0 = mid-clip: the frame's centre)."""
-    vx, vy = motion["sprite"]
-    return np.float64([[1, 0, W / 2 - SPRITE[0] / 2 + vx * t], [0, 1, H / 2 - SPRITE[1] / 2 + vy * t]])
+def sprite_at(t: float, sprite: dict) -> np.ndarray:
+    """3x3 matrix taking a moving piece's own pixels to frame ``t``'s (0 = mid-clip)."""
+    w, h = sprite["size"]
+    a = math.radians(sprite["spin"] * t)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    centre = np.array(sprite["centre"]) + np.array(sprite["velocity"]) * t
+    m = np.eye(3)
+    m[:2, :2] = rot
+    m[:2, 2] = centre - rot @ np.array([w / 2, h / 2])
+    return m
 
 
-def alpha_at(t: float, motion: dict) -> np.ndarray:
-    """float32 (H, W) coverage of the object in frame ``t`` (soft at its edges)."""
-    return cv2.warpAffine(np.ones(SPRITE[::-1], np.float32), sprite_at(t, motion), (W, H), flags=cv2.INTER_LINEAR,
+def alpha_at(t: float, sprite: dict) -> np.ndarray:
+    """float32 (H, W) coverage of a moving piece in frame ``t`` (soft at its edges)."""
+    w, h = sprite["size"]
+    return cv2.warpAffine(np.ones((h, w), np.float32), sprite_at(t, sprite)[:2], (W, H), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def layers_at(t: float, motion: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``(top, edge)`` for frame ``t``: the index of the piece fully covering each pixel (-1: the
+    background), and where a piece's blended edge is the visible surface."""
+    top = np.full((H, W), -1, np.int32)
+    edge = np.zeros((H, W), bool)
+    for k, sprite in enumerate(motion.get("sprites", [])):
+        a = alpha_at(t, sprite)
+        full, part = a >= 0.999, (a > 0.001) & (a < 0.999)
+        top[full] = k
+        edge[full] = False
+        edge[part] = True
+    return top, edge
 
 
 def bend(x: np.ndarray, y: np.ndarray, t: float, motion: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +165,7 @@ def bend(x: np.ndarray, y: np.ndarray, t: float, motion: dict) -> tuple[np.ndarr
     return amp * np.sin(k * y + phase), amp * np.sin(k * x + 1.3 * phase)
 
 
-def render(src: np.ndarray, sprite: np.ndarray, t: float, motion: dict) -> np.ndarray:
+def render(src: np.ndarray, pieces: list[np.ndarray], t: float, motion: dict) -> np.ndarray:
     if "wobble" in motion:
         xs, ys = np.meshgrid(np.arange(W, dtype=np.float64), np.arange(H, dtype=np.float64))
         dx, dy = bend(xs, ys, t, motion)
@@ -143,21 +176,24 @@ def render(src: np.ndarray, sprite: np.ndarray, t: float, motion: dict) -> np.nd
         return cv2.remap(src, sx, sy, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
     frame = cv2.warpAffine(src, camera(src.shape, t, motion)[:2], (W, H), flags=cv2.INTER_CUBIC,
                            borderMode=cv2.BORDER_REFLECT)
-    if "sprite" not in motion:
-        return frame
-    layer = cv2.warpAffine(sprite, sprite_at(t, motion), (W, H), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
-    a = alpha_at(t, motion)[..., None]
-    return (a * layer + (1 - a) * frame).astype(np.float32)
+    frame = frame.astype(np.float32)
+    for piece, sprite in zip(pieces, motion.get("sprites", [])):
+        layer = cv2.warpAffine(piece, sprite_at(t, sprite)[:2], (W, H), flags=cv2.INTER_CUBIC,
+                               borderMode=cv2.BORDER_REFLECT)
+        a = alpha_at(t, sprite)[..., None]
+        frame = a * layer + (1 - a) * frame
+    return frame
 
 
-def make_clip(src: np.ndarray, sprite: np.ndarray, motion: dict, frames: int, path: Path, seed: int) -> list[np.ndarray]:
+def make_clip(src: np.ndarray, pieces: list[np.ndarray], motion: dict, frames: int, path: Path,
+              seed: int) -> list[np.ndarray]:
     """Render, add noise, encode with x264 and decode; returns the decoded frames and writes ``path``."""
     from ghibli_core.video import FrameReader, VideoWriter, probe
 
     rng = np.random.default_rng(seed)
     with VideoWriter(path, size=(W, H), fps=FPS, crf=23) as writer:
         for t in range(frames):
-            frame = render(src, sprite, t - frames / 2, motion)
+            frame = render(src, pieces, t - frames / 2, motion)
             frame = frame.astype(np.float32)
             if motion.get("grey"):
                 frame = np.repeat(frame @ np.float32([[0.299], [0.587], [0.114]]), 3, axis=2)
@@ -192,19 +228,25 @@ def true_motion(src_shape, t: int, frames: int, motion: dict):
             px, py = zx - dx, zy - dy
     flow = np.stack([px - xs, py - ys], -1).astype(np.float32)
     inside = (px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)
-    if "sprite" not in motion:
+    if "sprites" not in motion:
         return Motion(flow, inside)
-    # the object: every pixel of it moved by its velocity; the background: hidden where the
-    # object was in the previous frame; the blended edge band belongs to neither
-    a_now, a_prev = alpha_at(t - mid, motion), alpha_at(t - 1 - mid, motion)
-    obj = a_now >= 0.999
-    flow[obj, 0] = -motion["sprite"][0]
-    flow[obj, 1] = -motion["sprite"][1]
+    # each piece's pixels follow its own motion; a pixel counts when the same surface (the same
+    # piece, or the background) is what the previous frame shows at its source; blended edges
+    # belong to neither
+    top, edge = layers_at(t - mid, motion)
+    top_prev, edge_prev = layers_at(t - 1 - mid, motion)
+    for k, sprite in enumerate(motion["sprites"]):
+        on = top == k
+        back = sprite_at(t - 1 - mid, sprite) @ np.linalg.inv(sprite_at(t - mid, sprite))
+        flow[on, 0] = (back[0, 0] * xs[on] + back[0, 1] * ys[on] + back[0, 2] - xs[on]).astype(np.float32)
+        flow[on, 1] = (back[1, 0] * xs[on] + back[1, 1] * ys[on] + back[1, 2] - ys[on]).astype(np.float32)
     src_x, src_y = xs.astype(np.float32) + flow[..., 0], ys.astype(np.float32) + flow[..., 1]
     inside = (src_x >= 0) & (src_x <= W - 1) & (src_y >= 0) & (src_y <= H - 1)
-    a_there = cv2.remap(a_prev, src_x, src_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    background = (a_now <= 0.001) & (a_there <= 0.001)
-    return Motion(flow, inside & (obj & (a_there >= 0.999) | background))
+    there = cv2.remap(top_prev.astype(np.float32), src_x, src_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                      borderValue=-2)
+    edge_there = cv2.remap(edge_prev.astype(np.uint8), src_x, src_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                           borderValue=1).astype(bool)
+    return Motion(flow, inside & ~edge & ~edge_there & (there == top))
 
 
 def main() -> None:
@@ -251,10 +293,13 @@ def main() -> None:
             # mean squared difference from the frame-by-frame output there, summed over clips
             ghosts = {s: 0.0 for s in strengths}
             for i, src in enumerate(photos):
-                piece = photos[(i + 1) % len(photos)]
-                y0, x0 = (piece.shape[0] - SPRITE[1]) // 2, (piece.shape[1] - SPRITE[0]) // 2
-                sprite = np.ascontiguousarray(piece[y0:y0 + SPRITE[1], x0:x0 + SPRITE[0]])
-                frames = make_clip(src, sprite, motion, args.frames, Path(tmp) / f"{name}{i}.mp4", seed=i)
+                pieces = []  # the moving pieces: crops of the other photos
+                for k, sprite in enumerate(motion.get("sprites", [])):
+                    other = photos[(i + 1 + k) % len(photos)]
+                    w, h = sprite["size"]
+                    y0, x0 = (other.shape[0] - h) // 2, (other.shape[1] - w) // 2 + 37 * k
+                    pieces.append(np.ascontiguousarray(other[y0:y0 + h, x0:x0 + w]))
+                frames = make_clip(src, pieces, motion, args.frames, Path(tmp) / f"{name}{i}.mp4", seed=i)
                 styled = []
                 for k in range(0, len(frames), 4):
                     styled += list(to_uint8(run(to_tensor(np.stack(frames[k:k + 4])))))
