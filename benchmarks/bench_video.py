@@ -9,9 +9,12 @@ The clip: ../shared/data/video/example.mp4 (real footage, 25 fps) looped, scaled
 moving pattern when ../shared is missing. Clips and frames live in a temporary folder.
 
 1. Ours: :func:`ghibli_core.video.stylize_video` at 480p, stability 0.5. Prints frames per
-   second, seconds per stage, and the share of wall time spent outside the model (decode,
-   flow and stabilization, conversions, encode, waits). Bars: >= 8 fps with the default video
-   model; decode + stabilize + encode <= 30% of the wall time.
+   second, seconds per stage, and the share of wall time not spent on the model: the wall
+   time against the model's own time, measured by a second run without stabilization (the
+   optical flow runs in a thread beside the model and, on 2 cores, slows the model's calls
+   rather than adding time outside them, so time outside the calls alone undercounts it).
+   Bars: >= 8 fps with the default video model; decode + stabilize + encode <= 30% of the
+   wall time.
 2. The seeds' way: ffmpeg to JPEG files, every frame stylized on its own in eager float32
    (JPEG in, JPEG out), ffmpeg from the JPEG files plus the audio; frames per second and the
    ratio to ours, twice: (a) with the same network as ours, which isolates what the streaming
@@ -91,10 +94,11 @@ def load_model(spec: str):
     return hub.load(hub.default_video_model() if spec == "default" else spec, map_location="cpu")
 
 
-def run_ours(clip: Path, out: Path, model, args) -> dict:
+def run_ours(clip: Path, out: Path, model, args, stability: float | None = None) -> dict:
     from ghibli_core.video import stylize_video
 
-    result = stylize_video(clip, out, model, height=args.height, stability=args.stability, batch_size=args.batch_size)
+    stability = args.stability if stability is None else stability
+    result = stylize_video(clip, out, model, height=args.height, stability=stability, batch_size=args.batch_size)
     t = result.timings
     return {"frames": result.frames, "seconds": t["total"], "timings": t, "overhead": result.overhead_share}
 
@@ -223,10 +227,23 @@ def main(argv: list[str] | None = None) -> int:
             print("  main thread: " + ", ".join(f"{k} {t.get(k, 0):.1f} s" for k in ("model", "convert", "stabilize", "encode", "wait")))
             print(f"  reader thread (overlapping the model): decode {t.get('decode', 0):.1f} s, flow {t.get('flow', 0):.1f} s")
             share = ours["overhead"]
-            print(f"  wall time outside the model: {100 * share:.1f}% (bar: <= 30%) -> {'met' if share <= 0.3 else 'NOT met'}")
-
+            print(f"  wall time outside the model's calls: {100 * share:.1f}%")
+            # The flow runs in the reader thread beside the model: on 2 cores it slows the model's
+            # calls instead of adding time outside them. So the bar is read against the model's
+            # own time, measured without stabilization (no flow) on the same clip.
             record = {"model": args.model, "frames": ours["frames"], "seconds": ours["seconds"], "fps": fps,
-                      "overhead": share, "timings": t}
+                      "overhead_outside_calls": share, "timings": t}
+            if args.stability > 0:
+                bare = run_ours(clip, work / "bare.mp4", model, args, stability=0.0)
+                model_alone = bare["timings"]["model"]
+                share = 1 - model_alone / ours["seconds"]
+                print(f"  the model alone (the same run without stabilization): {model_alone:.1f} s; so decode, flow, "
+                      f"stabilization, conversions and encoding take {100 * share:.1f}% of the wall time "
+                      f"(bar: <= 30%) -> {'met' if share <= 0.3 else 'NOT met'}")
+                record["model_alone"] = model_alone
+            else:
+                print(f"  (no stabilization: bar <= 30% -> {'met' if share <= 0.3 else 'NOT met'})")
+            record["overhead"] = share
             if not args.skip_baseline:
                 # (a) the seeds' pipeline around the same network: what the streaming pipeline
                 # itself gains; (b) the seeds' way as they ran it, their photo model on every
