@@ -105,34 +105,38 @@ def sources(n: int, frames: int) -> list[np.ndarray]:
     return out
 
 
+def similarity(degrees: float, scale: float, source, target) -> np.ndarray:
+    """3x3 matrix turning by ``degrees`` and scaling by ``scale`` about ``source``, which it moves to ``target``."""
+    a = math.radians(degrees)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) * scale
+    m = np.eye(3)
+    m[:2, :2] = rot
+    m[:2, 2] = np.asarray(target, np.float64) - rot @ np.asarray(source, np.float64)
+    return m
+
+
+def apply(m: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The points ``(x, y)`` moved by the 3x3 affine matrix ``m``."""
+    return m[0, 0] * x + m[0, 1] * y + m[0, 2], m[1, 0] * x + m[1, 1] * y + m[1, 2]
+
+
 def camera(src_shape, t: float, motion: dict) -> np.ndarray:
     """3x3 matrix taking source pixels to the pixels of frame ``t`` (0 = the middle of the clip)."""
     sh, sw = src_shape[:2]
-    s = motion["zoom"] ** t
-    a = math.radians(motion["turn"] * t)
     # the frame centre looks at a point moving across the source, through its centre mid-clip
     cx = sw / 2 + motion["pan"][0] * t
     cy = sh / 2 + motion["pan"][1] * t
     if motion.get("weave"):
         dx, dy = np.random.default_rng(round(t) + 1000).normal(0, motion["weave"], 2)
         cx, cy = cx + dx, cy + dy
-    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) * s
-    m = np.eye(3)
-    m[:2, :2] = rot
-    m[:2, 2] = np.array([W / 2, H / 2]) - rot @ np.array([cx, cy])
-    return m
+    return similarity(motion["turn"] * t, motion["zoom"] ** t, (cx, cy), (W / 2, H / 2))
 
 
 def sprite_at(t: float, sprite: dict) -> np.ndarray:
     """3x3 matrix taking a moving piece's own pixels to frame ``t``'s (0 = mid-clip)."""
     w, h = sprite["size"]
-    a = math.radians(sprite["spin"] * t)
-    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
     centre = np.array(sprite["centre"]) + np.array(sprite["velocity"]) * t
-    m = np.eye(3)
-    m[:2, :2] = rot
-    m[:2, 2] = centre - rot @ np.array([w / 2, h / 2])
-    return m
+    return similarity(sprite["spin"] * t, 1.0, (w / 2, h / 2), centre)
 
 
 def alpha_at(t: float, sprite: dict) -> np.ndarray:
@@ -171,9 +175,8 @@ def render(src: np.ndarray, pieces: list[np.ndarray], t: float, motion: dict) ->
         dx, dy = bend(xs, ys, t, motion)
         inv = np.linalg.inv(camera(src.shape, t, motion))
         qx, qy = xs + dx, ys + dy
-        sx = (inv[0, 0] * qx + inv[0, 1] * qy + inv[0, 2]).astype(np.float32)
-        sy = (inv[1, 0] * qx + inv[1, 1] * qy + inv[1, 2]).astype(np.float32)
-        return cv2.remap(src, sx, sy, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
+        sx, sy = apply(inv, qx, qy)
+        return cv2.remap(src, sx.astype(np.float32), sy.astype(np.float32), cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
     frame = cv2.warpAffine(src, camera(src.shape, t, motion)[:2], (W, H), flags=cv2.INTER_CUBIC,
                            borderMode=cv2.BORDER_REFLECT)
     frame = frame.astype(np.float32)
@@ -217,8 +220,7 @@ def true_motion(src_shape, t: int, frames: int, motion: dict):
     if "wobble" in motion:
         dx, dy = bend(xs, ys, t - mid, motion)
         qx, qy = xs + dx, ys + dy  # where the picture point shown at x sits without the wobble
-    px = to_prev[0, 0] * qx + to_prev[0, 1] * qy + to_prev[0, 2]
-    py = to_prev[1, 0] * qx + to_prev[1, 1] * qy + to_prev[1, 2]
+    px, py = apply(to_prev, qx, qy)
     if "wobble" in motion:
         # the previous frame shows that point at y with y + d_{t-1}(y) = p: a fixed point
         # (the bend is a contraction: amplitude x wavenumber < 1)
@@ -238,8 +240,8 @@ def true_motion(src_shape, t: int, frames: int, motion: dict):
     for k, sprite in enumerate(motion["sprites"]):
         on = top == k
         back = sprite_at(t - 1 - mid, sprite) @ np.linalg.inv(sprite_at(t - mid, sprite))
-        flow[on, 0] = (back[0, 0] * xs[on] + back[0, 1] * ys[on] + back[0, 2] - xs[on]).astype(np.float32)
-        flow[on, 1] = (back[1, 0] * xs[on] + back[1, 1] * ys[on] + back[1, 2] - ys[on]).astype(np.float32)
+        bx, by = apply(back, xs[on], ys[on])
+        flow[on, 0], flow[on, 1] = bx - xs[on], by - ys[on]
     src_x, src_y = xs.astype(np.float32) + flow[..., 0], ys.astype(np.float32) + flow[..., 1]
     inside = (src_x >= 0) & (src_x <= W - 1) & (src_y >= 0) & (src_y <= H - 1)
     there = cv2.remap(top_prev.astype(np.float32), src_x, src_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,

@@ -107,15 +107,15 @@ class VideoInfo:
         variable_frame_rate: the frame spacing is irregular (decoding resamples to ``fps``).
         frame_count: decodable video frames in the stream.
         duration: seconds of video (``frame_count / fps`` for a constant rate).
+        video_start: seconds from the file's start to the first video frame.
+        audio_codec: codec of the first audio stream, or None when there is none.
+        audio_index: that stream's index in the file.
+        audio_start: seconds from the file's start to the first audio sample.
 
     From ``probe(path, count_frames=False)`` (the header alone): ``frame_count`` is None,
     ``fps`` and ``duration`` are what the header states (None when it does not),
     ``variable_frame_rate`` is False and the start times are 0; enough to size and sample a
     film, not for the video pipeline.
-        video_start: seconds from the file's start to the first video frame.
-        audio_codec: codec of the first audio stream, or None when there is none.
-        audio_index: that stream's index in the file.
-        audio_start: seconds from the file's start to the first audio sample.
     """
 
     path: Path

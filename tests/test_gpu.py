@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from ghibli_core.hub import load
 from ghibli_core.stylize import Stylizer
+from test_video import psnr  # noqa: E402 - the tests' helpers
 
 pytestmark = [
     pytest.mark.gpu,
@@ -35,12 +36,6 @@ def _photo(side: int = 512) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
 
 
-def _psnr(a: Image.Image, b: Image.Image) -> float:
-    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    mse = float(((x - y) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 @pytest.mark.parametrize("name", ["photo2ghibli", "ghibli-video-fast"])
 def test_cuda_auto_precision_is_half_and_close_to_fp32(name):
     model = load(name, map_location="cpu")
@@ -50,7 +45,7 @@ def test_cuda_auto_precision_is_half_and_close_to_fp32(name):
     img = _photo()
     out = fast(img)
     assert out.size == img.size
-    assert _psnr(out, exact(img)) >= 35.0
+    assert psnr(np.asarray(out), np.asarray(exact(img))) >= 35.0
 
 
 def test_video_pipeline_on_cuda(tmp_path):
