@@ -120,7 +120,7 @@ def settled_rss(pid: int) -> float:
     return last
 
 
-@pytest.mark.slow  # about 20 s: a server process and 33 jobs
+@pytest.mark.slow  # about 25 s: a server process and 73 jobs
 def test_eight_clients_at_once_get_their_own_results_and_memory_returns(server_process):
     proc, url, root = server_process
     sources = [photo(root / f"client{i}.png", c) for i, c in enumerate(COLOURS)]
@@ -136,7 +136,7 @@ def test_eight_clients_at_once_get_their_own_results_and_memory_returns(server_p
     job(0)  # warm-up: the model loads on the first request
     before = settled_rss(proc.pid)
     peak, levels = before, []
-    rounds = 4
+    rounds = int(os.environ.get("LOAD_ROUNDS", "9"))
     with ThreadPoolExecutor(CLIENTS) as pool:
         for _ in range(rounds):
             futures = [pool.submit(job, i) for i in range(CLIENTS)]
@@ -153,11 +153,17 @@ def test_eight_clients_at_once_get_their_own_results_and_memory_returns(server_p
             levels.append(settled_rss(proc.pid))
     print(f"server RSS: {before:.0f} MB after warm-up, peak {peak:.0f} MB, after each round of {CLIENTS}: "
           + ", ".join(f"{x:.0f}" for x in levels) + " MB")
-    # Near the starting level: the first burst sets the high-water marks of the allocator and
-    # Gradio's thread pools (about +40 MB measured with app.limit_malloc_arenas), then it is flat.
-    # A leak of each job's image and tensors (about 3 MB here) would add 72 MB over the last 3 rounds.
-    assert levels[-1] - before < 60, f"RSS {before:.0f} MB -> {levels[-1]:.0f} MB after {rounds * CLIENTS} jobs"
-    assert levels[-1] - levels[0] < 25, f"RSS still climbing: {levels}"
+    # The first burst sets the high-water marks of the allocator and Gradio's thread pools (about
+    # +40 MB), so the level after it is the baseline. After that the level wanders without trend:
+    # 40 rounds (LOAD_ROUNDS=40) stayed within 454-483 MB here, and one CI run rose 35 MB over 3
+    # rounds before such a plateau; so the check looks over 8 rounds (64 jobs), where a leak of
+    # each job's image and tensors (about 3 MB here) would add about 190 MB. Checked by mutation:
+    # keeping a float32 copy of each photo (1.2 MB a job) in app.py read 451 -> 523 MB and failed.
+    # The smaller of the last two levels steps over a last-moment jump of the allocator.
+    assert len(levels) >= 5, "LOAD_ROUNDS must be at least 5 for the memory check"
+    grown = min(levels[-2:]) - levels[0]
+    assert grown < 60, f"RSS still climbing after the first burst: {[round(x) for x in levels]} MB"
+    assert min(levels[-2:]) - before < 100, f"RSS {before:.0f} MB -> {levels[-1]:.0f} MB after {rounds * CLIENTS} jobs"
 
 
 def test_a_full_queue_is_a_clear_answer_and_the_rest_finish(tmp_path, weights, monkeypatch):
