@@ -82,21 +82,22 @@ def _check_frame(frame: np.ndarray, name: str) -> np.ndarray:
     return frame
 
 
-_GRIDS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+_GRIDS: dict[tuple[int, int], np.ndarray] = {}
 _GRIDS_LOCK = threading.Lock()
 
 
-def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel coordinates ``(xs, ys)`` float32 ``(h, w)`` (cached per size, read-only)."""
+def _grid(h: int, w: int) -> np.ndarray:
+    """Pixel coordinates, float32 ``(h, w, 2)`` with ``(x, y)`` per pixel (cached per size,
+    read-only): adding a flow gives the map :func:`cv2.remap` takes in one array."""
     with _GRIDS_LOCK:
         grid = _GRIDS.get((h, w))
         if grid is None:
             if len(_GRIDS) > 16:
                 _GRIDS.clear()
             xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-            xs.setflags(write=False)
-            ys.setflags(write=False)
-            grid = _GRIDS[(h, w)] = (xs, ys)
+            grid = np.dstack([xs, ys])
+            grid.setflags(write=False)
+            _GRIDS[(h, w)] = grid
     return grid
 
 
@@ -112,8 +113,7 @@ def warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
     h, w = flow.shape[:2]
     if image.shape[:2] != (h, w):
         raise ValueError(f"image {image.shape[:2]} and flow {flow.shape[:2]} sizes differ")
-    xs, ys = _grid(h, w)
-    return cv2.remap(image, xs + flow[..., 0], ys + flow[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return cv2.remap(image, cv2.add(_grid(h, w), flow), None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 class FlowEstimator:
@@ -207,32 +207,29 @@ class FlowEstimator:
             back = self._calc(g_cur, g_prev)  # cur(x) ~ prev(x + back(x))
             fwd = self._calc(g_prev, g_cur)  # prev(y) ~ cur(y + fwd(y))
         # 3. forward-backward consistency: following back then fwd returns to the start
-        xs, ys = _grid(fh, fw)
-        mx, my = xs + back[..., 0], ys + back[..., 1]
-        fwd_at = cv2.remap(fwd, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        where = cv2.add(_grid(fh, fw), back)  # each pixel's position in the previous frame
+        fwd_at = cv2.remap(fwd, where, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         back_sq = _sqnorm(back)
-        err = _sqnorm(back + fwd_at)
+        err = _sqnorm(cv2.add(back, fwd_at))
         mag = back_sq + _sqnorm(fwd_at)
         # the tolerances are in full-resolution pixels; flows here are `scale` times smaller
         s2 = scale * scale
         reliable = err <= self.consistency * mag + self.consistency_offset * s2
-        reliable &= (mx >= 0) & (mx <= fw - 1) & (my >= 0) & (my <= fh - 1)
+        reliable &= cv2.inRange(where, (0.0, 0.0), (fw - 1.0, fh - 1.0)) != 0  # lands inside the frame
         if self.motion_boundaries:
-            du_y, du_x = np.gradient(back[..., 0])
-            dv_y, dv_x = np.gradient(back[..., 1])
-            grad = du_x**2 + du_y**2 + dv_x**2 + dv_y**2
-            reliable &= grad <= 0.01 * back_sq / s2 + self.boundary_offset
+            # central differences (one-sided halves at the border)
+            gx = cv2.Sobel(back, cv2.CV_32F, 1, 0, ksize=1, scale=0.5, borderType=cv2.BORDER_REPLICATE)
+            gy = cv2.Sobel(back, cv2.CV_32F, 0, 1, ksize=1, scale=0.5, borderType=cv2.BORDER_REPLICATE)
+            reliable &= _sqnorm(gx) + _sqnorm(gy) <= 0.01 * back_sq / s2 + self.boundary_offset
         if reliable.mean() < self.min_reliable:
             return Motion(None, None, cut=True)
         # 4. how well the flow explains the input: the previous frame warped onto this one
-        warped = cv2.remap(g_prev, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        warped = cv2.remap(g_prev, where, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         residual = cv2.absdiff(g_cur, warped).astype(np.float32)
         # 5. back to full resolution
         if (fw, fh) != (w, h):
-            back = cv2.resize(back, (w, h), interpolation=cv2.INTER_LINEAR)
-            back[..., 0] *= w / fw
-            back[..., 1] *= h / fh
-            reliable = cv2.resize(reliable.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+            back = cv2.multiply(cv2.resize(back, (w, h), interpolation=cv2.INTER_LINEAR), (w / fw, h / fh, 0.0, 0.0))
+            reliable = cv2.resize(reliable.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).view(bool)
             residual = cv2.resize(residual, (w, h), interpolation=cv2.INTER_LINEAR)
         return Motion(back, reliable, residual=residual)
 

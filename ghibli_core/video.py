@@ -37,9 +37,12 @@ import uuid
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "RESOLUTIONS",
@@ -789,18 +792,18 @@ class VideoWriter:
 
 
 # -- the pipeline -----------------------------------------------------------------------------
-FrameModel = Callable[["torch.Tensor"], "torch.Tensor"]  # noqa: F821 - (N, 3, H, W) in [-1, 1] -> same
+FrameModel = Callable[["torch.Tensor"], "torch.Tensor"]  # (N, 3, H, W) in [-1, 1] -> the same
 
 
 @dataclass
 class VideoResult:
     """What :func:`stylize_video` did.
 
-    ``timings`` holds seconds per stage: ``model`` (the network, main thread), ``convert``
-    (uint8 frames to tensors and back), ``stabilize`` (warp and blend, main thread), ``encode``
-    (handing frames to ffmpeg, and finishing the file), ``decode`` and
-    ``flow`` (in the reader thread, overlapping the model), ``wait`` (the main thread waiting for
-    decoded frames), ``total`` (wall time of the whole job).
+    ``timings`` holds seconds per stage: ``model`` (the network), ``convert`` (uint8 frames to
+    tensors and back), ``flow`` (optical flow of the input frames), ``stabilize`` (warp and
+    blend), ``encode`` (handing frames to ffmpeg, and finishing the file), ``wait`` (waiting for
+    decoded frames), all in the calling thread; ``decode`` (the reader thread, overlapping the
+    rest); ``total`` (wall time of the whole job).
     """
 
     path: Path
@@ -859,19 +862,23 @@ def as_frame_model(
 
 
 class _Prefetch(threading.Thread):
-    """Decodes frames (and their motion, when stabilizing) ahead of the model, into a bounded queue."""
+    """Decodes frames ahead of the model, into a bounded queue.
+
+    Only the decoding overlaps the model (ffmpeg does the work in its own process). The optical
+    flow used to run here too, but on 2 cores a thread computing flow beside the network's 2
+    threads slows every call of the network more than the flow costs when it runs between the
+    calls (benchmarks/bench_video.py: 17.2 s against 16.6 s for 250 frames at 480p).
+    """
 
     _END = object()
 
-    def __init__(self, reader: FrameReader, analyze, depth: int):
+    def __init__(self, reader: FrameReader, depth: int):
         super().__init__(daemon=True)
         self.reader = reader
-        self.analyze = analyze
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.decode_s = 0.0
-        self.flow_s = 0.0
         self.start()
 
     def _put(self, item) -> bool:
@@ -884,20 +891,15 @@ class _Prefetch(threading.Thread):
         return False
 
     def run(self) -> None:
-        prev = None
         try:
             frames = iter(self.reader)
             while not self.stop.is_set():
                 t0 = time.perf_counter()
                 frame = next(frames, None)
-                t1 = time.perf_counter()
-                self.decode_s += t1 - t0
+                self.decode_s += time.perf_counter() - t0
                 if frame is None:
                     break
-                motion = self.analyze(prev, frame) if self.analyze is not None and prev is not None else None
-                self.flow_s += time.perf_counter() - t1
-                prev = frame
-                if not self._put((frame, motion)):
+                if not self._put(frame):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self.error = exc
@@ -923,6 +925,48 @@ class _Prefetch(threading.Thread):
         self.stop.set()
         self.reader.close()  # unblocks a read in progress
         self.join(timeout=30)
+
+
+def frames_to_tensor(frames: list[np.ndarray]) -> torch.Tensor:
+    """uint8 ``(H, W, 3)`` frames of one size -> ``(N, 3, H, W)`` float32 in ``[-1, 1]`` in
+    channels-last memory: :func:`~ghibli_core.imaging.to_tensor` on their stack, written
+    straight from each frame in one OpenCV pass (a third of the time of stacking and torch's
+    passes at 480p)."""
+    import cv2
+    import torch
+
+    h, w = frames[0].shape[:2]
+    out = np.empty((len(frames), h, w * 3), np.float32)
+    for i, frame in enumerate(frames):
+        if frame.shape != (h, w, 3) or frame.dtype != np.uint8:
+            raise ValueError(f"expected uint8 frames of shape {(h, w, 3)}, got {frame.dtype} {frame.shape}")
+        # x / 127.5 - 1
+        cv2.addWeighted(frame.reshape(h, w * 3), 1 / 127.5, frame.reshape(h, w * 3), 0.0, -1.0, dst=out[i],
+                        dtype=cv2.CV_32F)
+    return torch.from_numpy(out.reshape(len(frames), h, w, 3)).permute(0, 3, 1, 2)
+
+
+def tensor_to_frames(y: torch.Tensor) -> np.ndarray:
+    """``(N, 3, H, W)`` in ``[-1, 1]`` -> uint8 ``(N, H, W, 3)`` as
+    :func:`~ghibli_core.imaging.to_uint8` (rounded half to even, clamped; NaN or infinite
+    values refused), in one OpenCV pass when the tensor is a float32 CPU tensor in
+    channels-last memory (the video networks' output)."""
+    import cv2
+    import torch
+
+    from .imaging import to_uint8
+
+    if not (isinstance(y, torch.Tensor) and y.ndim == 4 and y.shape[1] == 3 and y.dtype == torch.float32
+            and y.device.type == "cpu" and y.permute(0, 2, 3, 1).is_contiguous()):
+        return to_uint8(y)
+    y = y.detach()
+    # a finite sum proves every value finite (as in to_uint8)
+    if not bool(torch.isfinite(y.sum())) and not bool(torch.isfinite(y).all()):
+        raise ValueError("the image tensor contains NaN or infinite values")
+    n, _, h, w = y.shape
+    hwc = y.permute(0, 2, 3, 1).numpy().reshape(n * h, w * 3)
+    # saturate_cast: (y + 1) * 127.5 rounded half to even, clamped to 0..255
+    return cv2.addWeighted(hwc, 127.5, hwc, 0.0, 127.5, dtype=cv2.CV_8U).reshape(n, h, w, 3)
 
 
 # Frames per model call when the caller leaves it to us: about this many pixels per batch.
@@ -987,7 +1031,6 @@ def stylize_video(
     """
     import torch
 
-    from .imaging import to_tensor, to_uint8
     from .temporal import TemporalStabilizer
 
     t_start = time.perf_counter()
@@ -1020,40 +1063,40 @@ def stylize_video(
     prefetch: _Prefetch | None = None
     done = 0
     try:
-        prefetch = _Prefetch(
-            FrameReader(info, size=size, start=start, end=end),
-            stabilizer.analyze if stabilize else None,
-            depth=2 * batch_size,
-        )
-        # 2. batches of decoded frames -> model -> stabilize -> encoder
+        prefetch = _Prefetch(FrameReader(info, size=size, start=start, end=end), depth=2 * batch_size)
+        # 2. batches of decoded frames -> model -> flow, stabilize -> encoder
         finished = False
+        prev_frame = None
         while not finished:
             t0 = time.perf_counter()
-            batch, motions = [], []
+            batch = []
             while len(batch) < batch_size:
                 item = prefetch.get()
                 if item is None:
                     finished = True
                     break
-                batch.append(item[0])
-                motions.append(item[1])
+                batch.append(item)
             timings["wait"] += time.perf_counter() - t0
             if not batch:
                 break
             t0 = time.perf_counter()
-            x = to_tensor(np.stack(batch), channels_last=True)  # (N, 3, H, W) in [-1, 1], NHWC memory
+            x = frames_to_tensor(batch)  # (N, 3, H, W) in [-1, 1], NHWC memory
             t1 = time.perf_counter()
             y = run_model(x)
             t2 = time.perf_counter()
             if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape):
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ValueError(f"the model returned {got} for a batch of shape {tuple(x.shape)}")
-            styled = to_uint8(y)  # (N, H, W, 3) uint8
+            styled = tensor_to_frames(y)  # (N, H, W, 3) uint8
             timings["model"] += t2 - t1
             timings["convert"] += (t1 - t0) + (time.perf_counter() - t2)
-            for frame, out, motion in zip(batch, styled, motions):
+            for frame, out in zip(batch, styled):
                 t0 = time.perf_counter()
                 if stabilize:
+                    motion = None if prev_frame is None else stabilizer.analyze(prev_frame, frame)
+                    prev_frame = frame
+                    timings["flow"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
                     out = stabilizer(out, motion)
                 if side_by_side:
                     out = np.concatenate([frame, out], axis=1)
@@ -1081,7 +1124,6 @@ def stylize_video(
         if prefetch is not None:
             prefetch.shutdown()
     timings["decode"] = prefetch.decode_s
-    timings["flow"] = prefetch.flow_s
     timings["total"] = time.perf_counter() - t_start
     return VideoResult(
         path=target,
