@@ -125,6 +125,9 @@ class FlowEstimator:
             error's default, so it does not measure a stabilizer with that stabilizer's own flow).
         max_side: the flow is computed on frames downscaled so the longer side is at most this
             (and upscaled after); flow does not need full resolution and costs with the area.
+        forward_backward: run the forward-backward check (a second flow, backward, per pair);
+            without it only motion boundaries, the frame's edges and the stabilizer's residual
+            gate catch occlusions (cheaper, more ghosting: see benchmarks/bench_stability.py).
         consistency: ``a`` of the forward-backward check (relative tolerance).
         consistency_offset: ``c`` of the check, squared pixels (absolute tolerance).
         motion_boundaries: also reject pixels where the flow changes sharply (edges of moving
@@ -143,6 +146,7 @@ class FlowEstimator:
         *,
         preset: str = "fast",
         max_side: int = 640,
+        forward_backward: bool = True,
         consistency: float = 0.01,
         consistency_offset: float = 0.5,
         motion_boundaries: bool = True,
@@ -160,6 +164,7 @@ class FlowEstimator:
             raise ValueError(f"min_reliable must be in [0, 1), got {min_reliable}")
         self.preset = preset
         self.max_side = max_side
+        self.forward_backward = forward_backward
         self.consistency = consistency
         self.consistency_offset = consistency_offset
         self.motion_boundaries = motion_boundaries
@@ -202,20 +207,21 @@ class FlowEstimator:
         # 1. a cheap cut test before any flow
         if self.histogram_distance(g_prev, g_cur) > self.cut_threshold:
             return Motion(None, None, cut=True)
-        # 2. flow both ways at the reduced size
+        # 2. flow at the reduced size: backward, and forward for the check
         with self._lock:
             back = self._calc(g_cur, g_prev)  # cur(x) ~ prev(x + back(x))
-            fwd = self._calc(g_prev, g_cur)  # prev(y) ~ cur(y + fwd(y))
-        # 3. forward-backward consistency: following back then fwd returns to the start
+            fwd = self._calc(g_prev, g_cur) if self.forward_backward else None  # prev(y) ~ cur(y + fwd(y))
         where = cv2.add(_grid(fh, fw), back)  # each pixel's position in the previous frame
-        fwd_at = cv2.remap(fwd, where, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        reliable = cv2.inRange(where, (0.0, 0.0), (fw - 1.0, fh - 1.0)) != 0  # lands inside the frame
         back_sq = _sqnorm(back)
-        err = _sqnorm(cv2.add(back, fwd_at))
-        mag = back_sq + _sqnorm(fwd_at)
         # the tolerances are in full-resolution pixels; flows here are `scale` times smaller
         s2 = scale * scale
-        reliable = err <= self.consistency * mag + self.consistency_offset * s2
-        reliable &= cv2.inRange(where, (0.0, 0.0), (fw - 1.0, fh - 1.0)) != 0  # lands inside the frame
+        if fwd is not None:
+            # 3. forward-backward consistency: following back then fwd returns to the start
+            fwd_at = cv2.remap(fwd, where, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            err = _sqnorm(cv2.add(back, fwd_at))
+            mag = back_sq + _sqnorm(fwd_at)
+            reliable &= err <= self.consistency * mag + self.consistency_offset * s2
         if self.motion_boundaries:
             # central differences (one-sided halves at the border)
             gx = cv2.Sobel(back, cv2.CV_32F, 1, 0, ksize=1, scale=0.5, borderType=cv2.BORDER_REPLICATE)

@@ -114,6 +114,27 @@ def test_occlusion_behind_a_moving_object_is_unreliable():
     assert motion.reliable[35:65, 40:65].mean() > 0.8 and motion.reliable[:, 100:].mean() > 0.9
 
 
+def test_the_forward_backward_check_flags_part_of_the_revealed_background_on_its_own():
+    """Motion boundaries and the check each flag part of the background a moving object
+    uncovers; with neither (``forward_backward=False``, ``motion_boundaries=False``) nothing
+    does, and only the stabilizer's residual gate is left there."""
+    bg = texture(96, 128, seed=1)
+    square = texture(40, 40, seed=2)
+    a, b = bg.copy(), bg.copy()
+    a[30:70, 30:70] = square
+    b[30:70, 36:76] = square
+    revealed = (slice(32, 68), slice(30, 36))
+    share = {
+        (fb, mb): FlowEstimator(forward_backward=fb, motion_boundaries=mb)(a, b).reliable[revealed].mean()
+        for fb in (True, False) for mb in (True, False)
+    }
+    assert share[False, False] == 1.0  # nothing catches it
+    assert share[True, False] < 0.85 and share[False, True] < 0.5  # each catches part
+    assert share[True, True] < min(share[True, False], share[False, True])  # together more
+    without = FlowEstimator(forward_backward=False)(a, b)
+    assert np.median(without.flow[35:65, 40:65, 0]) < -3 and without.reliable[:, 100:].mean() > 0.9
+
+
 def test_residual_stops_blending_where_the_input_changed():
     a = texture()
     b = a.copy()

@@ -487,3 +487,24 @@ def test_auto_batch_size_keeps_about_a_megapixel_per_call():
     assert auto_batch_size((640, 360)) == 4
     assert auto_batch_size((1280, 720)) == 1 and auto_batch_size((3840, 2160)) == 1
     assert auto_batch_size((64, 48)) == 8  # capped
+
+
+def test_frames_go_to_tensors_and_back_as_imaging_does():
+    from ghibli_core.imaging import to_tensor, to_uint8
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (30, 44, 3), dtype=np.uint8) for _ in range(3)]
+    x = V.frames_to_tensor(frames)
+    assert x.shape == (3, 3, 30, 44) and x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x, to_tensor(np.stack(frames)), rtol=0, atol=2e-7)
+    with pytest.raises(ValueError, match="expected uint8 frames of shape"):
+        V.frames_to_tensor([frames[0], frames[1][:, :40]])
+    # values every half level apart (rounding ties), beyond [-1, 1] (clamping), in the layouts a
+    # network returns: channels-last, a crop of a padded channels-last batch, contiguous
+    y = torch.linspace(-1.2, 1.2, 2 * 3 * 32 * 48).reshape(2, 3, 32, 48)
+    y = y[torch.randperm(2)].contiguous(memory_format=torch.channels_last)
+    for t in (y, y[:, :, :30, :45], y[:, :, 1:, 3:], y.contiguous()):
+        np.testing.assert_array_equal(V.tensor_to_frames(t), to_uint8(t))
+    y[1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        V.tensor_to_frames(y)
