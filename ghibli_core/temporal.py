@@ -173,6 +173,7 @@ class FlowEstimator:
         self.min_reliable = min_reliable
         self._dis = cv2.DISOpticalFlow_create(_PRESETS[preset]) if preset in _PRESETS else None
         self._lock = threading.Lock()
+        self._previous: tuple | None = None  # what follow() keeps of the last frame
 
     def _grey(self, frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         grey = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
@@ -181,11 +182,14 @@ class FlowEstimator:
         return grey
 
     @staticmethod
+    def _histogram(grey: np.ndarray) -> np.ndarray:
+        hist = cv2.calcHist([grey], [0], None, [32], [0, 256]).ravel()
+        return hist / hist.sum()
+
+    @staticmethod
     def histogram_distance(a: np.ndarray, b: np.ndarray) -> float:
         """Total variation distance (0..1) between the 32-bin histograms of two grey images."""
-        ha = cv2.calcHist([a], [0], None, [32], [0, 256]).ravel()
-        hb = cv2.calcHist([b], [0], None, [32], [0, 256]).ravel()
-        return 0.5 * float(np.abs(ha / ha.sum() - hb / hb.sum()).sum())
+        return 0.5 * float(np.abs(FlowEstimator._histogram(a) - FlowEstimator._histogram(b)).sum())
 
     def _calc(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Flow ``f`` with ``a(x) ~ b(x + f(x))``."""
@@ -194,18 +198,43 @@ class FlowEstimator:
         # 5 pyramid levels (large motions), 15 px windows, 3 iterations per level
         return cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 5, 15, 3, 5, 1.2, 0)
 
+    def _prepare(self, frame: np.ndarray) -> tuple:
+        """What the flow needs of one frame: its shape, the scale, the grey image at that scale
+        and its histogram (computed once per frame by :meth:`follow`)."""
+        h, w = frame.shape[:2]
+        scale = min(1.0, self.max_side / max(h, w))
+        grey = self._grey(frame, (max(8, round(w * scale)), max(8, round(h * scale))))
+        return frame.shape, scale, grey, self._histogram(grey)
+
     def __call__(self, prev: np.ndarray, cur: np.ndarray) -> Motion:
         """The motion from ``prev`` to ``cur`` (uint8 ``(H, W, 3)`` frames of one size)."""
         _check_frame(prev, "prev")
         _check_frame(cur, "cur")
         if prev.shape != cur.shape:
             raise ValueError(f"frames differ in size: {prev.shape} and {cur.shape}")
-        h, w = cur.shape[:2]
-        scale = min(1.0, self.max_side / max(h, w))
-        fw, fh = max(8, round(w * scale)), max(8, round(h * scale))
-        g_prev, g_cur = self._grey(prev, (fw, fh)), self._grey(cur, (fw, fh))
+        return self._motion(self._prepare(prev), self._prepare(cur))
+
+    def follow(self, frame: np.ndarray) -> Motion | None:
+        """Streaming: the motion from the frame given to the previous call to this one (None for
+        the first frame, after :meth:`restart`, or when the size changes). The same as
+        ``self(previous, frame)``, with each frame's grey image and histogram computed once."""
+        _check_frame(frame, "frame")
+        cur = self._prepare(frame)
+        prev, self._previous = self._previous, cur
+        if prev is None or prev[0] != cur[0]:
+            return None
+        return self._motion(prev, cur)
+
+    def restart(self) -> None:
+        """Forget the frame :meth:`follow` last saw."""
+        self._previous = None
+
+    def _motion(self, prev: tuple, cur: tuple) -> Motion:
+        (h, w, _), scale, g_prev, hist_prev = prev
+        _, _, g_cur, hist_cur = cur
+        fh, fw = g_cur.shape
         # 1. a cheap cut test before any flow
-        if self.histogram_distance(g_prev, g_cur) > self.cut_threshold:
+        if 0.5 * float(np.abs(hist_prev - hist_cur).sum()) > self.cut_threshold:
             return Motion(None, None, cut=True)
         # 2. flow at the reduced size: backward, and forward for the check
         with self._lock:
@@ -259,7 +288,7 @@ class TemporalStabilizer:
             falling linearly to 0 at it. Small residuals are noise and flow imprecision (the
             flicker to remove); large ones mean the flow does not explain the input there.
 
-    Use: ``motion = stabilizer.analyze(prev_input, input)`` (may run in another thread, ahead),
+    Use: ``motion = stabilizer.follow(input)`` (or ``stabilizer.analyze(prev_input, input)``),
     then ``out = stabilizer(stylized, motion)`` for frames in order (motion None for the first).
     """
 
@@ -287,6 +316,11 @@ class TemporalStabilizer:
     def analyze(self, prev: np.ndarray, cur: np.ndarray) -> Motion:
         """The motion between two consecutive *input* frames."""
         return self.flow(prev, cur)
+
+    def follow(self, frame: np.ndarray) -> Motion | None:
+        """The motion from the previous *input* frame given here to ``frame`` (None for the
+        first): :meth:`FlowEstimator.follow`, for frames fed in order."""
+        return self.flow.follow(frame)
 
     def reset(self) -> None:
         """Forget the previous output (the next frame starts afresh)."""

@@ -1070,7 +1070,8 @@ def stylize_video(
         prefetch = _Prefetch(FrameReader(info, size=size, start=start, end=end), depth=2 * batch_size)
         # 2. batches of decoded frames -> model -> flow, stabilize -> encoder
         finished = False
-        prev_frame = None
+        if stabilize:
+            stabilizer.flow.restart()
         while not finished:
             t0 = time.perf_counter()
             batch = []
@@ -1097,8 +1098,7 @@ def stylize_video(
             for frame, out in zip(batch, styled):
                 t0 = time.perf_counter()
                 if stabilize:
-                    motion = None if prev_frame is None else stabilizer.analyze(prev_frame, frame)
-                    prev_frame = frame
+                    motion = stabilizer.follow(frame)
                     timings["flow"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     out = stabilizer(out, motion)

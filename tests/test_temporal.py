@@ -90,6 +90,22 @@ def test_other_flow_methods_find_the_translation(preset):
         FlowEstimator(preset="raft")
 
 
+def test_following_a_stream_gives_the_motion_of_each_pair():
+    frames = [shifted(texture(), 2 * i, i) for i in range(4)]
+    pairwise, stream = FlowEstimator(), FlowEstimator()
+    assert stream.follow(frames[0]) is None  # nothing before the first frame
+    for prev, cur in zip(frames, frames[1:]):
+        a, b = pairwise(prev, cur), stream.follow(cur)
+        np.testing.assert_array_equal(a.flow, b.flow)
+        np.testing.assert_array_equal(a.reliable, b.reliable)
+        np.testing.assert_array_equal(a.residual, b.residual)
+    stream.restart()
+    assert stream.follow(frames[1]) is None
+    assert stream.follow(texture(64, 80)) is None  # another size: a new stream
+    with pytest.raises(ValueError, match="frame: expected a uint8"):
+        stream.follow(frames[0].astype(np.float32))
+
+
 def test_flow_is_computed_downscaled_for_big_frames():
     a = texture(240, 320)
     b = shifted(a, 6, 2)
