@@ -275,7 +275,8 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         target = stab_kw if key in ("feather", "max_residual") else flow_kw
-        target[key] = value if key == "preset" else (bool(int(value)) if key in ("motion_boundaries", "forward_backward") else float(value))
+        target[key] = (value if key == "preset" else bool(int(value)) if key in ("motion_boundaries", "forward_backward")
+                       else int(value) if key in ("finest_scale", "max_side") else float(value))
     FlowEstimator(**flow_kw)  # a bad setting fails here, before any work
     strengths = [float(s) for s in args.strengths.split(",")]
     spec = args.model or default_video_model()

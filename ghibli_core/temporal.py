@@ -125,6 +125,10 @@ class FlowEstimator:
             error's default, so it does not measure a stabilizer with that stabilizer's own flow).
         max_side: the flow is computed on frames downscaled so the longer side is at most this
             (and upscaled after); flow does not need full resolution and costs with the area.
+        finest_scale: DIS's finest pyramid level (0 = the frame given to DIS, 1 = half of it,
+            2 = a quarter); None keeps the preset's (2 for ``fast``). DIS's flow is computed
+            on a grid at this level and interpolated above it, so a frame downscaled by half with
+            level 1 gets about the grid of the full frame with level 2, for less work after.
         forward_backward: run the forward-backward check (a second flow, backward, per pair);
             without it only motion boundaries, the frame's edges and the stabilizer's residual
             gate catch occlusions (cheaper, more ghosting: see benchmarks/bench_stability.py).
@@ -146,6 +150,7 @@ class FlowEstimator:
         *,
         preset: str = "fast",
         max_side: int = 640,
+        finest_scale: int | None = None,
         forward_backward: bool = True,
         consistency: float = 0.01,
         consistency_offset: float = 0.5,
@@ -172,6 +177,13 @@ class FlowEstimator:
         self.cut_threshold = cut_threshold
         self.min_reliable = min_reliable
         self._dis = cv2.DISOpticalFlow_create(_PRESETS[preset]) if preset in _PRESETS else None
+        if finest_scale is not None:
+            if self._dis is None:
+                raise ValueError("finest_scale applies to the DIS presets, not to farneback")
+            if not 0 <= finest_scale <= 4:
+                raise ValueError(f"finest_scale must be between 0 and 4, got {finest_scale}")
+            self._dis.setFinestScale(int(finest_scale))
+        self.finest_scale = finest_scale
         self._lock = threading.Lock()
         self._previous: tuple | None = None  # what follow() keeps of the last frame
 

@@ -90,6 +90,20 @@ def test_other_flow_methods_find_the_translation(preset):
         FlowEstimator(preset="raft")
 
 
+def test_a_finer_dis_level_on_a_smaller_frame_finds_the_motion():
+    a = texture(240, 320)
+    b = shifted(a, 6, 2)
+    motion = FlowEstimator(max_side=160, finest_scale=1)(a, b)
+    assert motion.flow.shape == (240, 320, 2)
+    inner = motion.flow[40:-40, 40:-40]
+    assert np.median(inner[..., 0]) == pytest.approx(-6, abs=0.6)
+    assert np.median(inner[..., 1]) == pytest.approx(-2, abs=0.6)
+    with pytest.raises(ValueError, match="finest_scale applies to the DIS presets"):
+        FlowEstimator(preset="farneback", finest_scale=1)
+    with pytest.raises(ValueError, match="finest_scale must be between 0 and 4"):
+        FlowEstimator(finest_scale=5)
+
+
 def test_following_a_stream_gives_the_motion_of_each_pair():
     frames = [shifted(texture(), 2 * i, i) for i in range(4)]
     pairwise, stream = FlowEstimator(), FlowEstimator()
