@@ -170,6 +170,10 @@ def run_seeds_way(clip: Path, work: Path, out: Path, model, args, *, seconds: fl
 
 def memory_child(args) -> int:
     """Run the pipeline once and print peak RSS (this process, and its largest child) as JSON."""
+    from ghibli_core.video import reuse_freed_memory
+
+    if not args.glibc_defaults:
+        reuse_freed_memory()
     model = load_model(args.memory_model)
     clip = Path(args.memory_child)
     out = clip.with_name(clip.stem + "_out.mp4")
@@ -191,6 +195,7 @@ def measure_memory(work: Path, args) -> None:
         cmd = [sys.executable, __file__, "--memory-child", str(clip), "--memory-model", args.memory_model,
                "--height", str(args.height), "--stability", str(args.stability)]
         cmd += ["--batch-size", str(args.batch_size)] if args.batch_size else []
+        cmd += ["--glibc-defaults"] if args.glibc_defaults else []
         before = load()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows[seconds] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -216,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--repeat", type=int, default=3, help="runs of ours, each followed by the network alone on the same "
                    "frames, after a warm-up run; medians count (default 3)")
+    p.add_argument("--glibc-defaults", action="store_true",
+                   help="keep glibc's malloc thresholds (the CLI and the app call video.reuse_freed_memory)")
     p.add_argument("--skip-baseline", action="store_true", help="do not run the seeds' way")
     p.add_argument("--seeds-model", default="photo2ghibli",
                    help="the per-frame model of the seeds' way as they ran it (default photo2ghibli; 'none' skips it)")
@@ -244,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"clip: {args.seconds:g} s, 854x480, 25 fps, with audio ({source}); model {args.model}; "
                   f"{args.height}p, stability {args.stability}, batch {args.batch_size or 'auto'}")
 
+            from ghibli_core.video import reuse_freed_memory
+
+            if not args.glibc_defaults:
+                reuse_freed_memory()  # as the CLI and the app do
             print(f"\n== ours: streaming pipeline ({load()})")
             # One run's wall time wanders by 10-20% on this 2-core machine: the runs are repeated
             # (--repeat) and the medians count; each is followed by the network alone on the same

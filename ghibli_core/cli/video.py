@@ -106,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..hub import default_video_model, load
-    from ..video import VideoLimits, check_limits, expected_frames, output_size, probe, stylize_video
+    from ..video import (
+        VideoLimits, check_limits, expected_frames, output_size, probe, reuse_freed_memory, stylize_video,
+    )
     from .stylize import save_atomic
 
     device = torch.device(args.device)  # raises RuntimeError on a malformed name
@@ -125,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.input.name}: {info.describe()}; processing at {size[0]}x{size[1]}", file=sys.stderr)
 
     # 2. the model, then the streaming job
+    reuse_freed_memory()  # a one-job process: keep freed blocks for the next frame
     model = load(args.model or default_video_model(), revision=args.revision, map_location="cpu")
     on_frame = None
     if args.frames_dir is not None:
