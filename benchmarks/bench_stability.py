@@ -274,9 +274,9 @@ def main() -> None:
     stab_kw, flow_kw = {}, {}
     for item in args.set:
         key, _, value = item.partition("=")
-        target = stab_kw if key in ("feather", "max_residual") else flow_kw
+        target = stab_kw if key in ("feather", "max_residual", "still_gain", "still_residual", "still_margin") else flow_kw
         target[key] = (value if key == "preset" else bool(int(value)) if key in ("motion_boundaries", "forward_backward")
-                       else int(value) if key in ("finest_scale", "max_side") else float(value))
+                       else int(value) if key in ("finest_scale", "max_side", "still_margin") else float(value))
     FlowEstimator(**flow_kw)  # a bad setting fails here, before any work
     strengths = [float(s) for s in args.strengths.split(",")]
     spec = args.model or default_video_model()

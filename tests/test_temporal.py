@@ -202,7 +202,7 @@ def test_bad_frames_are_refused():
 # -- stabilizer ---------------------------------------------------------------------------------
 def test_stabilizer_blends_the_warped_previous_output():
     frames = panning(2)
-    stab = TemporalStabilizer(strength=0.5)
+    stab = TemporalStabilizer(strength=0.5, still_gain=1.0)  # the same weight everywhere
     first = np.full_like(frames[0], 100)
     assert stab(first, None) is first  # the first frame passes through
     motion = stab.analyze(frames[0], frames[1])
@@ -210,6 +210,23 @@ def test_stabilizer_blends_the_warped_previous_output():
     inner = out[10:-10, 20:-20]
     assert np.abs(inner.astype(int) - 150).max() <= 2  # half of each where the flow is reliable
     assert (out[:, :1] == 200).all()  # the new strip on the left comes from the new frame only
+
+
+def test_still_input_well_inside_the_reliable_region_is_blended_harder():
+    frames = panning(2)
+    b = frames[1].copy()
+    b[40:56, 60:100] = np.clip(b[40:56, 60:100].astype(int) + 20, 0, 255)  # a patch brightens a little
+    stab = TemporalStabilizer(strength=0.5)  # still_gain 1.8: 0.9 where the input is still
+    assert stab.still_strength == pytest.approx(0.9)
+    stab(np.full_like(frames[0], 100), None)
+    motion = stab.analyze(frames[0], b)
+    out = stab(np.full_like(b, 200), motion).astype(int)
+    assert np.abs(out[20:34, 40:110] - 110).max() <= 3  # still and far from anything unreliable: 0.9
+    assert np.abs(out[45:51, 72:88] - 150).max() <= 3  # the input changed there: strength 0.5
+    assert out[20:-20, 4:8].mean() > 125  # next to the strip that entered: no boost within the margin
+    assert (out[:, :1] == 200).all()
+    with pytest.raises(ValueError, match="still_gain"):
+        TemporalStabilizer(still_gain=0.5)
 
 
 def test_strength_zero_and_cuts_pass_frames_through():
