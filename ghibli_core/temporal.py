@@ -12,7 +12,8 @@ post-processing of Ruder et al. (2016) / Lai et al. (2018) kept cheap enough for
    different histograms, or too few reliable pixels) means no correspondence at all.
 2. :class:`TemporalStabilizer`: warps the previous *output* frame to the current one with that
    flow and blends it into the new stylized frame where the flow is reliable, with a strength
-   in ``[0, 1]``; after a cut it starts afresh.
+   in ``[0, 1]`` (raised where the input is still: any change of the output there is flicker);
+   after a cut it starts afresh.
 3. :class:`WarpingError` / :func:`warping_error`: the warping error of Lai et al. (2018),
    "Learning Blind Video Temporal Consistency": for each pair of consecutive output frames, the
    mean over non-occluded pixels of the squared RGB distance (values in ``[0, 1]``) between the
@@ -129,7 +130,7 @@ class FlowEstimator:
             2 = a quarter); None keeps the preset's (2 for ``fast``). DIS's flow is computed
             on a grid at this level and interpolated above it, so a frame downscaled by half with
             level 1 gets about the grid of the full frame with level 2, for less work after.
-        forward_backward: run the forward-backward check (a second flow, backward, per pair);
+        forward_backward: run the forward-backward check (a second flow, forward, per pair);
             without it only motion boundaries, the frame's edges and the stabilizer's residual
             gate catch occlusions (cheaper, more ghosting: see benchmarks/bench_stability.py).
         consistency: ``a`` of the forward-backward check (relative tolerance).
@@ -287,8 +288,9 @@ class TemporalStabilizer:
     ``out_t = s_t + strength * m * (warp(out_{t-1}) - s_t)`` where ``s_t`` is the stylized frame
     and ``m`` the reliability mask, lowered where the warped previous *input* does not match the
     current input (a wrong flow, a change of light), and feathered inwards so that blended and
-    unblended regions meet smoothly. Being recursive, it averages along motion trajectories
-    over several frames.
+    unblended regions meet smoothly; ``strength`` is raised (``still_gain``) where the input is
+    still along the flow. Being recursive, it averages along motion trajectories over several
+    frames.
 
     Args:
         strength: in ``[0, 1]``; 0 = off, 1 = the warped previous output wherever the flow is
