@@ -531,5 +531,6 @@ def test_freed_memory_is_reused_instead_of_faulted_in_afresh():
                                  cwd=Path(__file__).resolve().parents[1]).stdout.split()[-1])
         for mode in ("off", "on")
     }
-    assert faults["off"] > 500
-    assert faults["on"] < 100 and 20 * faults["on"] < faults["off"]
+    # (how many faults a fresh mapping costs depends on huge pages; the reuse shows either way)
+    assert faults["off"] > 50
+    assert faults["on"] < 50 and 20 * faults["on"] < faults["off"]
