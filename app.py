@@ -16,7 +16,6 @@ import html
 import os
 import re
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -51,7 +50,7 @@ from ghibli_core.latent import (
 from ghibli_core.models import CheckpointError, read_config
 from ghibli_core.stylize import Stylizer
 from ghibli_core.video import (
-    RESOLUTIONS, VideoError, VideoLimits, check_limits, probe, reuse_freed_memory, stylize_video,
+    RESOLUTIONS, VideoError, VideoLimits, check_limits, mallopt, probe, reuse_freed_memory, stylize_video,
 )
 
 ROOT = Path(__file__).resolve().parent
@@ -1194,16 +1193,7 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     64 photo jobs and stays there (measured with tests/test_load.py's burst); with 2 arenas it
     stays within a few tens of MB. A no-op off glibc.
     """
-    import ctypes
-    import ctypes.util
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-8, arenas))  # -8 is M_ARENA_MAX
-    except (OSError, AttributeError):
-        return False
+    return mallopt(-8, arenas)  # -8 is M_ARENA_MAX
 
 
 def argument_parser() -> argparse.ArgumentParser:

@@ -989,6 +989,13 @@ def reuse_freed_memory(*, mmap_mb: int = 64, trim_mb: int = 256) -> bool:
     process; the CLI's ``video`` command, the app and benchmarks/bench_video.py call it. True
     when in place; a no-op off glibc.
     """
+    # -1 is M_TRIM_THRESHOLD, -3 is M_MMAP_THRESHOLD
+    return mallopt(-1, trim_mb << 20) and mallopt(-3, mmap_mb << 20)
+
+
+def mallopt(option: int, value: int) -> bool:
+    """glibc's ``mallopt(option, value)`` for this process; True when it took, False off glibc
+    or when refused."""
     import ctypes
     import ctypes.util
     import sys
@@ -997,8 +1004,7 @@ def reuse_freed_memory(*, mmap_mb: int = 64, trim_mb: int = 256) -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        # -1 is M_TRIM_THRESHOLD, -3 is M_MMAP_THRESHOLD
-        return bool(libc.mallopt(-1, trim_mb << 20)) and bool(libc.mallopt(-3, mmap_mb << 20))
+        return bool(libc.mallopt(option, value))
     except (OSError, AttributeError):
         return False
 
