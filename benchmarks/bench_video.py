@@ -96,25 +96,30 @@ def load_model(spec: str):
     return hub.load(hub.default_video_model() if spec == "default" else spec, map_location="cpu")
 
 
-def run_ours(clip: Path, out: Path, model, args, stability: float | None = None) -> dict:
+def run_ours(clip: Path, out: Path, model, args) -> dict:
     from ghibli_core.video import stylize_video
 
-    stability = args.stability if stability is None else stability
-    result = stylize_video(clip, out, model, height=args.height, stability=stability, batch_size=args.batch_size)
+    result = stylize_video(clip, out, model, height=args.height, stability=args.stability, batch_size=args.batch_size)
     t = result.timings
     return {"frames": result.frames, "seconds": t["total"], "timings": t, "overhead": result.overhead_share}
 
 
-def time_model_alone(clip: Path, model, args) -> float:
-    """Seconds the network alone takes on the clip's frames: decoded beforehand and held in
-    memory, in the pipeline's batches, nothing else running (no ffmpeg, no flow, no encoder)."""
-    from ghibli_core.video import FrameReader, as_frame_model, auto_batch_size, frames_to_tensor, output_size, probe
+def decode_all(clip: Path, args) -> list:
+    """The clip's frames at the processing size, decoded into memory (for :func:`time_model_alone`)."""
+    from ghibli_core.video import FrameReader, output_size, probe
 
     info = probe(clip)
-    size = output_size(info, args.height)
+    with FrameReader(info, size=output_size(info, args.height)) as reader:
+        return list(reader)
+
+
+def time_model_alone(frames: list, model, args) -> float:
+    """Seconds the network alone takes on ``frames`` (decoded beforehand, held in memory), in the
+    pipeline's batches, nothing else running (no ffmpeg, no flow, no encoder)."""
+    from ghibli_core.video import as_frame_model, auto_batch_size, frames_to_tensor
+
+    size = (frames[0].shape[1], frames[0].shape[0])
     batch = args.batch_size or auto_batch_size(size)
-    with FrameReader(info, size=size) as reader:
-        frames = list(reader)
     run_model = as_frame_model(model, size, batch_size=batch)
     run_model(frames_to_tensor(frames[:batch]))  # warm-up (first-call allocations, layer rewrites)
     seconds = 0.0
@@ -260,10 +265,11 @@ def main(argv: list[str] | None = None) -> int:
             # (--repeat) and the medians count; each is followed by the network alone on the same
             # frames, to time it under the same conditions.
             run_ours(clip, work / "ours.mp4", model, args)  # warm-up, not counted: the first run is slower
+            frames = decode_all(clip, args)  # once, for the network-alone timings
             runs, alone = [], []
             for _ in range(args.repeat):
                 runs.append(run_ours(clip, work / "ours.mp4", model, args))
-                alone.append(time_model_alone(clip, model, args))
+                alone.append(time_model_alone(frames, model, args))
             ours = sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]  # the median run
             t = ours["timings"]
             fps = ours["frames"] / ours["seconds"]

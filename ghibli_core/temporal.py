@@ -108,6 +108,11 @@ def _sqnorm(v: np.ndarray) -> np.ndarray:
     return x * x + y * y
 
 
+def _ramp(residual: np.ndarray, limit: float) -> np.ndarray:
+    """1 where ``residual`` is up to ``limit / 2``, falling linearly to 0 at ``limit``."""
+    return np.clip(2.0 - residual * (2.0 / limit), 0.0, 1.0)
+
+
 def warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
     """Sample ``image`` (``(H, W)`` or ``(H, W, C)``, uint8 or float32) at ``x + flow(x)``
     (bilinear, borders replicated): the previous frame brought onto the current one."""
@@ -200,9 +205,14 @@ class FlowEstimator:
         return hist / hist.sum()
 
     @staticmethod
+    def _distance(hist_a: np.ndarray, hist_b: np.ndarray) -> float:
+        """Total variation distance (0..1) between two normalised histograms."""
+        return 0.5 * float(np.abs(hist_a - hist_b).sum())
+
+    @staticmethod
     def histogram_distance(a: np.ndarray, b: np.ndarray) -> float:
         """Total variation distance (0..1) between the 32-bin histograms of two grey images."""
-        return 0.5 * float(np.abs(FlowEstimator._histogram(a) - FlowEstimator._histogram(b)).sum())
+        return FlowEstimator._distance(FlowEstimator._histogram(a), FlowEstimator._histogram(b))
 
     def _calc(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Flow ``f`` with ``a(x) ~ b(x + f(x))``."""
@@ -247,7 +257,7 @@ class FlowEstimator:
         _, _, g_cur, hist_cur = cur
         fh, fw = g_cur.shape
         # 1. a cheap cut test before any flow
-        if 0.5 * float(np.abs(hist_prev - hist_cur).sum()) > self.cut_threshold:
+        if self._distance(hist_prev, hist_cur) > self.cut_threshold:
             return Motion(None, None, cut=True)
         # 2. flow at the reduced size: backward, and forward for the check
         with self._lock:
@@ -367,21 +377,20 @@ class TemporalStabilizer:
     @property
     def still_strength(self) -> float:
         """The weight where the input is still (see ``still_gain``)."""
-        return max(self.strength, min(max(self.strength, 0.9), self.still_gain * self.strength))
+        return min(max(self.strength, 0.9), self.still_gain * self.strength)  # >= strength: still_gain >= 1
 
     def weights(self, motion: Motion) -> np.ndarray:
         """float32 ``(H, W)`` blending weights of the warped previous output, in
         ``[0, still_strength]`` (``strength`` outside still regions)."""
         m = motion.reliable.astype(np.float32)
         if motion.residual is not None:
-            # 1 up to max_residual / 2, then linearly down to 0 at max_residual
-            m *= np.clip(2.0 - motion.residual * (2.0 / self.max_residual), 0.0, 1.0)
+            m *= _ramp(motion.residual, self.max_residual)
         if self.feather > 0:
             m *= cv2.GaussianBlur(m, (0, 0), self.feather)  # zero where unreliable, ramps up inside
         still = self.still_strength
         if still > self.strength and motion.residual is not None:
-            # 1 up to still_residual / 2, 0 from still_residual; only well inside the reliable region
-            boost = np.clip(2.0 - motion.residual * (2.0 / self.still_residual), 0.0, 1.0)
+            # only well inside the reliable region
+            boost = _ramp(motion.residual, self.still_residual)
             if self.still_margin > 0:
                 k = 2 * self.still_margin + 1
                 inside = cv2.erode(motion.reliable.view(np.uint8), np.ones((k, k), np.uint8))
