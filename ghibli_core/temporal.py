@@ -25,7 +25,6 @@ for each pixel of the current frame its offset ``(dx, dy)`` to where it was in t
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import cv2
@@ -51,9 +50,12 @@ _PRESETS = {
 _METHODS = (*_PRESETS, "farneback")
 
 
-@dataclass(frozen=True)
 class Motion:
     """How the current frame relates to the previous one.
+
+    The flow is computed on downscaled frames (``FlowEstimator.max_side``); its fields are kept
+    at that resolution (:attr:`coarse`) and brought to the frame's size only when read, so that
+    the stabilizer can do its per-pixel work at the flow's resolution.
 
     Attributes:
         flow: float32 ``(H, W, 2)``: for each pixel of the current frame, the offset ``(dx, dy)``
@@ -64,16 +66,72 @@ class Motion:
         residual: float32 ``(H, W)``: grey-level difference (0..255) between the current input
             frame and the previous one warped by ``flow``; large where the flow is wrong or
             the light changed. None at a cut.
+        size: ``(H, W)`` of the frames; the arrays given may be smaller (the flow's resolution,
+            same aspect ratio), in which case the attributes above are upscaled on first read
+            (flow values scaled with the size, the mask by nearest neighbour).
     """
 
-    flow: np.ndarray | None
-    reliable: np.ndarray | None
-    cut: bool = False
-    residual: np.ndarray | None = None
+    def __init__(
+        self,
+        flow: np.ndarray | None,
+        reliable: np.ndarray | None,
+        cut: bool = False,
+        residual: np.ndarray | None = None,
+        *,
+        size: tuple[int, int] | None = None,
+    ):
+        self.cut = bool(cut)
+        self._coarse = (flow, reliable, residual)
+        self.size = tuple(size) if size is not None else (None if flow is None else flow.shape[:2])
+        self._fine: dict[str, np.ndarray | None] = {}
+
+    @property
+    def coarse(self) -> tuple:
+        """``(flow, reliable, residual)`` at the flow's resolution (what was given)."""
+        return self._coarse
+
+    @property
+    def upscaled(self) -> bool:
+        """Whether the arrays were computed smaller than the frames."""
+        return self._coarse[0] is not None and self._coarse[0].shape[:2] != self.size
+
+    def _get(self, name: str, index: int, upscale: Callable) -> np.ndarray | None:
+        if name not in self._fine:
+            value = self._coarse[index]
+            self._fine[name] = upscale(value, self.size) if value is not None and self.upscaled else value
+        return self._fine[name]
+
+    @property
+    def flow(self) -> np.ndarray | None:
+        return self._get("flow", 0, _upscale_flow)
+
+    @property
+    def reliable(self) -> np.ndarray | None:
+        return self._get("reliable", 1, _upscale_mask)
+
+    @property
+    def residual(self) -> np.ndarray | None:
+        return self._get("residual", 2, _upscale_map)
 
     @property
     def reliable_share(self) -> float:
-        return 0.0 if self.reliable is None else float(self.reliable.mean())
+        reliable = self._coarse[1]
+        return 0.0 if reliable is None else float(reliable.mean())
+
+
+def _upscale_flow(flow: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A flow at another resolution: resized (bilinear) and its vectors scaled with it."""
+    h, w = size
+    fh, fw = flow.shape[:2]
+    return cv2.multiply(cv2.resize(flow, (w, h), interpolation=cv2.INTER_LINEAR), (w / fw, h / fh, 0.0, 0.0))
+
+
+def _upscale_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return cv2.resize(mask.view(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST).view(bool)
+
+
+def _upscale_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return cv2.resize(values, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def _check_frame(frame: np.ndarray, name: str) -> np.ndarray:
@@ -103,9 +161,10 @@ def _grid(h: int, w: int) -> np.ndarray:
 
 
 def _sqnorm(v: np.ndarray) -> np.ndarray:
-    """``|v|^2`` per pixel of an ``(H, W, 2)`` field (einsum is 4x slower on 2 channels)."""
-    x, y = v[..., 0], v[..., 1]
-    return x * x + y * y
+    """``|v|^2`` per pixel of an ``(H, W, 2)`` field (squaring the whole array first is 2x
+    faster than squaring the strided channels; einsum is 10x slower)."""
+    sq = v * v
+    return sq[..., 0] + sq[..., 1]
 
 
 def _ramp(residual: np.ndarray, limit: float) -> np.ndarray:
@@ -284,12 +343,7 @@ class FlowEstimator:
         # 4. how well the flow explains the input: the previous frame warped onto this one
         warped = cv2.remap(g_prev, where, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         residual = cv2.absdiff(g_cur, warped).astype(np.float32)
-        # 5. back to full resolution
-        if (fw, fh) != (w, h):
-            back = cv2.multiply(cv2.resize(back, (w, h), interpolation=cv2.INTER_LINEAR), (w / fw, h / fh, 0.0, 0.0))
-            reliable = cv2.resize(reliable.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).view(bool)
-            residual = cv2.resize(residual, (w, h), interpolation=cv2.INTER_LINEAR)
-        return Motion(back, reliable, residual=residual)
+        return Motion(back, reliable, residual=residual, size=(h, w))
 
 
 class TemporalStabilizer:
@@ -381,20 +435,30 @@ class TemporalStabilizer:
 
     def weights(self, motion: Motion) -> np.ndarray:
         """float32 ``(H, W)`` blending weights of the warped previous output, in
-        ``[0, still_strength]`` (``strength`` outside still regions)."""
-        m = motion.reliable.astype(np.float32)
-        if motion.residual is not None:
-            m *= _ramp(motion.residual, self.max_residual)
+        ``[0, still_strength]`` (``strength`` outside still regions), at the frames' size.
+
+        Computed at the flow's resolution (``motion.coarse``; ``feather`` and ``still_margin``
+        are frame pixels, scaled to it) and upscaled once, bilinearly."""
+        m = self._coarse_weights(motion)
+        return _upscale_map(m, motion.size) if motion.upscaled else m
+
+    def _coarse_weights(self, motion: Motion) -> np.ndarray:
+        _, reliable, residual = motion.coarse
+        r = reliable.shape[1] / motion.size[1]  # flow pixels per frame pixel (1 when not downscaled)
+        m = reliable.astype(np.float32)
+        if residual is not None:
+            m *= _ramp(residual, self.max_residual)
         if self.feather > 0:
-            m *= cv2.GaussianBlur(m, (0, 0), self.feather)  # zero where unreliable, ramps up inside
+            m *= cv2.GaussianBlur(m, (0, 0), self.feather * r)  # zero where unreliable, ramps up inside
         still = self.still_strength
-        if still > self.strength and motion.residual is not None:
+        if still > self.strength and residual is not None:
             # only well inside the reliable region
-            boost = _ramp(motion.residual, self.still_residual)
-            if self.still_margin > 0:
-                k = 2 * self.still_margin + 1
-                inside = cv2.erode(motion.reliable.view(np.uint8), np.ones((k, k), np.uint8))
-                boost *= cv2.GaussianBlur(inside.astype(np.float32), (0, 0), self.still_margin / 2)
+            boost = _ramp(residual, self.still_residual)
+            margin = self.still_margin * r
+            if round(margin) > 0:
+                k = 2 * round(margin) + 1
+                inside = cv2.erode(reliable.view(np.uint8), np.ones((k, k), np.uint8))
+                boost *= cv2.GaussianBlur(inside.astype(np.float32), (0, 0), margin / 2)
             m *= self.strength + (still - self.strength) * boost
         else:
             m *= self.strength
@@ -408,7 +472,7 @@ class TemporalStabilizer:
             self.cuts += 1
         usable = (
             motion is not None and not motion.cut and self._prev is not None
-            and self._prev.shape == stylized.shape and motion.flow.shape[:2] == stylized.shape[:2]
+            and self._prev.shape == stylized.shape and motion.size == stylized.shape[:2]
         )
         if not usable or self.strength == 0:
             self._prev = stylized
