@@ -251,6 +251,14 @@ def test_stabilizer_works_at_the_flow_resolution_like_at_the_frames():
     assert np.abs(outs[0][26:40, 40:140] - 74).max() <= 4  # still and far from the patch: weight 0.9
     full = FlowEstimator(max_side=320)(a, b)
     assert not full.upscaled and full.coarse[0] is full.flow
+    # where each pixel was: grid + flow, upscaled in one pass from the coarse positions
+    ys, xs = np.mgrid[0:240, 0:320].astype(np.float32)
+    expected = np.dstack([xs, ys]) + coarse.flow
+    assert np.abs(coarse.positions() - expected)[1:-1, 1:-1].max() < 1e-3
+    assert np.abs(coarse.positions() - expected).max() <= 0.5 + 1e-3  # (scale - 1) / 2 at the edges
+    np.testing.assert_array_equal(full.positions(), np.dstack([xs, ys]) + full.flow)
+    with pytest.raises(ValueError, match="cut"):
+        Motion(None, None, cut=True).positions()
 
 
 def test_strength_zero_and_cuts_pass_frames_through():
