@@ -274,7 +274,7 @@ def main() -> None:
     stab_kw, flow_kw = {}, {}
     for item in args.set:
         key, _, value = item.partition("=")
-        target = stab_kw if key in ("feather", "max_residual", "still_gain", "still_residual", "still_margin") else flow_kw
+        target = stab_kw if key in ("feather", "max_residual", "still_gain", "still_residual", "still_margin", "boundary_residual") else flow_kw
         target[key] = (value if key == "preset" else bool(int(value)) if key in ("motion_boundaries", "forward_backward")
                        else int(value) if key in ("finest_scale", "max_side", "still_margin") else float(value))
     FlowEstimator(**flow_kw)  # a bad setting fails here, before any work

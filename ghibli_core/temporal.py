@@ -66,6 +66,8 @@ class Motion:
         residual: float32 ``(H, W)``: grey-level difference (0..255) between the current input
             frame and the previous one warped by ``flow``; large where the flow is wrong or
             the light changed. None at a cut.
+        boundary: bool, at the flow's resolution (not upscaled): pixels that passed every check
+            but the motion-boundary test, None when it did not run (or at a cut).
         size: ``(H, W)`` of the frames; the arrays given may be smaller (the flow's resolution,
             same aspect ratio), in which case the attributes above are upscaled on first read
             (flow values scaled with the size, the mask by nearest neighbour).
@@ -79,8 +81,10 @@ class Motion:
         residual: np.ndarray | None = None,
         *,
         size: tuple[int, int] | None = None,
+        boundary: np.ndarray | None = None,
     ):
         self.cut = bool(cut)
+        self.boundary = boundary
         self._coarse = (flow, reliable, residual)
         self.size = tuple(size) if size is not None else (None if flow is None else flow.shape[:2])
         self._fine: dict[str, np.ndarray | None] = {}
@@ -355,17 +359,20 @@ class FlowEstimator:
             err = _sqnorm(cv2.add(back, fwd_at))
             mag = back_sq + _sqnorm(fwd_at)
             reliable &= err <= self.consistency * mag + self.consistency_offset * s2
+        boundary = None
         if self.motion_boundaries:
             # central differences (one-sided halves at the border)
             gx = cv2.Sobel(back, cv2.CV_32F, 1, 0, ksize=1, scale=0.5, borderType=cv2.BORDER_REPLICATE)
             gy = cv2.Sobel(back, cv2.CV_32F, 0, 1, ksize=1, scale=0.5, borderType=cv2.BORDER_REPLICATE)
-            reliable &= _sqnorm(gx) + _sqnorm(gy) <= 0.01 * back_sq / s2 + self.boundary_offset
+            smooth = _sqnorm(gx) + _sqnorm(gy) <= 0.01 * back_sq / s2 + self.boundary_offset
+            boundary = reliable & ~smooth  # passed the other checks, on a motion boundary
+            reliable &= smooth
         if reliable.mean() < self.min_reliable:
             return Motion(None, None, cut=True)
         # 4. how well the flow explains the input: the previous frame warped onto this one
         warped = cv2.remap(g_prev, where, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         residual = cv2.absdiff(g_cur, warped).astype(np.float32)
-        return Motion(back, reliable, residual=residual, size=(h, w))
+        return Motion(back, reliable, residual=residual, size=(h, w), boundary=boundary)
 
 
 class TemporalStabilizer:
@@ -399,6 +406,14 @@ class TemporalStabilizer:
         still_residual: grey levels: full boost up to half of it, none from it.
         still_margin: pixels between the boosted region and any unreliable pixel (occlusions,
             motion boundaries), where ghosts would come from.
+        boundary_residual: pixels that failed only the flow's motion-boundary test (``Motion.
+            boundary``: where the flow changes sharply, the edges of moving things, but also
+            people's limbs and cloth) are blended after all where the input is still along the
+            flow: full weight up to half of this residual, none from it (a stricter gate than
+            ``max_residual``). 0 rejects them all, as before 2026-11-30. The default 24
+            (benchmarks/bench_stability.py at 0.5): crowd -34.1% instead of -27.2%, non-rigid
+            -66.6% instead of -59.9%, ghosting 239% / 17.2% (crowd / object) instead of 188% /
+            15.9%.
 
     Use: ``motion = stabilizer.follow(input)`` (or ``stabilizer.analyze(prev_input, input)``),
     then ``out = stabilizer(stylized, motion)`` for frames in order (motion None for the first).
@@ -414,6 +429,7 @@ class TemporalStabilizer:
         still_gain: float = 1.8,
         still_residual: float = 12.0,
         still_margin: int = 8,
+        boundary_residual: float = 24.0,
     ):
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be between 0 and 1, got {strength}")
@@ -427,6 +443,8 @@ class TemporalStabilizer:
             raise ValueError(f"still_residual must be positive, got {still_residual}")
         if still_margin < 0:
             raise ValueError(f"still_margin must be >= 0, got {still_margin}")
+        if boundary_residual < 0:
+            raise ValueError(f"boundary_residual must be >= 0 (0 = off), got {boundary_residual}")
         self.strength = float(strength)
         self.flow = flow or FlowEstimator()
         self.feather = feather
@@ -434,6 +452,7 @@ class TemporalStabilizer:
         self.still_gain = float(still_gain)
         self.still_residual = float(still_residual)
         self.still_margin = int(still_margin)
+        self.boundary_residual = float(boundary_residual)
         self.cuts = 0
         self._prev: np.ndarray | None = None  # uint8 (H, W, 3): the last output
 
@@ -470,6 +489,8 @@ class TemporalStabilizer:
         m = reliable.astype(np.float32)
         if residual is not None:
             m *= _ramp(residual, self.max_residual)
+            if self.boundary_residual > 0 and motion.boundary is not None:
+                m += motion.boundary * _ramp(residual, self.boundary_residual)
         if self.feather > 0:
             m *= cv2.GaussianBlur(m, (0, 0), self.feather * r)  # zero where unreliable, ramps up inside
         still = self.still_strength

@@ -165,6 +165,32 @@ def test_the_forward_backward_check_flags_part_of_the_revealed_background_on_its
     assert np.median(without.flow[35:65, 40:65, 0]) < -3 and without.reliable[:, 100:].mean() > 0.9
 
 
+def test_motion_boundary_pixels_are_blended_only_where_the_input_is_still_along_the_flow():
+    bg = texture(96, 128, seed=1)
+    square = texture(40, 40, seed=2)
+    a, b = bg.copy(), bg.copy()
+    a[30:70, 30:70] = square
+    b[30:70, 36:76] = square
+    motion = FlowEstimator()(a, b)
+    edge = motion.boundary
+    assert edge.dtype == bool and edge.shape == motion.reliable.shape
+    assert edge.sum() > 20 and not (edge & motion.reliable).any()  # only the boundary test failed there
+    near = np.zeros_like(edge)
+    near[25:75, 25:82] = True
+    assert edge[near].mean() > 3 * edge[~near].mean()  # mostly around the moving square
+    still, moved = edge & (motion.residual < 12), edge & (motion.residual >= 24)
+    assert still.any() and moved.any()
+    plain = dict(strength=1.0, feather=0, still_gain=1.0)
+    off = TemporalStabilizer(boundary_residual=0, **plain).weights(motion)
+    on = TemporalStabilizer(boundary_residual=24, **plain).weights(motion)
+    assert (off[edge] == 0).all()
+    assert (on[still] > 0).all() and (on[moved] == 0).all()
+    np.testing.assert_array_equal(on[~edge], off[~edge])  # elsewhere nothing changes
+    assert FlowEstimator(motion_boundaries=False)(a, b).boundary is None
+    with pytest.raises(ValueError, match="boundary_residual"):
+        TemporalStabilizer(boundary_residual=-1)
+
+
 def test_residual_stops_blending_where_the_input_changed():
     a = texture()
     b = a.copy()
