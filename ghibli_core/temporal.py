@@ -382,8 +382,9 @@ class TemporalStabilizer:
     and ``m`` the reliability mask, lowered where the warped previous *input* does not match the
     current input (a wrong flow, a change of light), and feathered inwards so that blended and
     unblended regions meet smoothly; ``strength`` is raised (``still_gain``) where the input is
-    still along the flow. Being recursive, it averages along motion trajectories over several
-    frames.
+    still along the flow, and pixels that failed only the motion-boundary test are blended after
+    all where the input is still along the flow (``boundary_residual``). Being recursive, it
+    averages along motion trajectories over several frames.
 
     Args:
         strength: in ``[0, 1]``; 0 = off, 1 = the warped previous output wherever the flow is
