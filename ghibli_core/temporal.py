@@ -613,7 +613,7 @@ def evaluate_stability(
         warping error removed) for the first strength; ``sweep`` lists ``{"strength",
         "stabilized", "reduction"}`` for every strength.
     """
-    from .imaging import to_tensor, to_uint8
+    from .video import frames_to_tensor, tensor_to_frames
 
     strengths = [float(strength)] if isinstance(strength, (int, float)) else [float(s) for s in strength]
     if not strengths:
@@ -631,7 +631,7 @@ def evaluate_stability(
         batch = [f for _, f in zip(range(batch_size), it)]
         if not batch:
             break
-        styled = to_uint8(run_model(to_tensor(np.stack(batch))))
+        styled = tensor_to_frames(run_model(frames_to_tensor(batch)))
         for frame, out in zip(batch, styled):
             motion = None if prev is None else flow(prev["input"], frame)
             stabilized = {s: stab(out, motion) for s, stab in stabilizers.items()}
