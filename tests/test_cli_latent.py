@@ -1,8 +1,6 @@
 """``project`` and ``walk`` commands end to end, with a small generator saved as a checkpoint folder."""
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ from PIL import Image
 from ghibli_core.cli import main as cli_main
 from ghibli_core.latent import load_latent, save_latent, seed_ws
 from ghibli_core.models import MODELS, HubModel, register_model
-from ghibli_core.video import ffmpeg_exe, probe
+from ghibli_core.video import probe
 
 from test_latent import ToyGenerator
 

@@ -11,7 +11,6 @@ import contextlib
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import HubModel, register_model
