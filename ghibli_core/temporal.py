@@ -71,6 +71,8 @@ class Motion:
         size: ``(H, W)`` of the frames; the arrays given may be smaller (the flow's resolution,
             same aspect ratio), in which case the attributes above are upscaled on first read
             (flow values scaled with the size, the mask by nearest neighbour).
+        positions: ``grid + flow`` at the flow's resolution when the caller has it (saves
+            computing it again for :meth:`positions`).
     """
 
     def __init__(
@@ -82,9 +84,11 @@ class Motion:
         *,
         size: tuple[int, int] | None = None,
         boundary: np.ndarray | None = None,
+        positions: np.ndarray | None = None,
     ):
         self.cut = bool(cut)
         self.boundary = boundary
+        self._positions = positions  # grid + flow at the flow's resolution, when already computed
         self._coarse = (flow, reliable, residual)
         self.size = tuple(size) if size is not None else (None if flow is None else flow.shape[:2])
         self._fine: dict[str, np.ndarray | None] = {}
@@ -130,7 +134,7 @@ class Motion:
             if flow is None:
                 raise ValueError("no motion at a cut")
             fh, fw = flow.shape[:2]
-            where = cv2.add(_grid(fh, fw), flow)
+            where = self._positions if self._positions is not None else cv2.add(_grid(fh, fw), flow)
             if self.upscaled:
                 h, w = self.size
                 sx, sy = w / fw, h / fh
@@ -204,7 +208,13 @@ def warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
     h, w = flow.shape[:2]
     if image.shape[:2] != (h, w):
         raise ValueError(f"image {image.shape[:2]} and flow {flow.shape[:2]} sizes differ")
-    return cv2.remap(image, cv2.add(_grid(h, w), flow), None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return _sample(image, cv2.add(_grid(h, w), flow))
+
+
+def _sample(image: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """``image`` read at ``positions`` (float32 ``(H, W, 2)``, ``(x, y)`` per pixel): bilinear,
+    borders replicated."""
+    return cv2.remap(image, positions, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 class FlowEstimator:
@@ -355,7 +365,7 @@ class FlowEstimator:
         s2 = scale * scale
         if fwd is not None:
             # 3. forward-backward consistency: following back then fwd returns to the start
-            fwd_at = cv2.remap(fwd, where, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            fwd_at = _sample(fwd, where)
             err = _sqnorm(cv2.add(back, fwd_at))
             mag = back_sq + _sqnorm(fwd_at)
             reliable &= err <= self.consistency * mag + self.consistency_offset * s2
@@ -370,9 +380,9 @@ class FlowEstimator:
         if reliable.mean() < self.min_reliable:
             return Motion(None, None, cut=True)
         # 4. how well the flow explains the input: the previous frame warped onto this one
-        warped = cv2.remap(g_prev, where, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        warped = _sample(g_prev, where)
         residual = cv2.absdiff(g_cur, warped).astype(np.float32)
-        return Motion(back, reliable, residual=residual, size=(h, w), boundary=boundary)
+        return Motion(back, reliable, residual=residual, size=(h, w), boundary=boundary, positions=where)
 
 
 class TemporalStabilizer:
@@ -523,8 +533,7 @@ class TemporalStabilizer:
             return stylized
         w = self.weights(motion)
         # one pass: (1 - w) * stylized + w * warped, rounded to uint8
-        warped = cv2.remap(self._prev, motion.positions(), None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        out = cv2.blendLinear(stylized, warped, 1.0 - w, w)
+        out = cv2.blendLinear(stylized, _sample(self._prev, motion.positions()), 1.0 - w, w)
         self._prev = out
         return out
 
