@@ -42,6 +42,16 @@ def panning(n=12, step=2, h=96, w=128) -> list[np.ndarray]:
     return [np.ascontiguousarray(base[:, (n - i) * step:(n - i) * step + w]) for i in range(n)]
 
 
+def moving_square() -> tuple[np.ndarray, np.ndarray]:
+    """Two 96x128 frames: a textured 40x40 square moves 6 px right over a still background."""
+    bg = texture(96, 128, seed=1)
+    square = texture(40, 40, seed=2)
+    a, b = bg.copy(), bg.copy()
+    a[30:70, 30:70] = square
+    b[30:70, 36:76] = square
+    return a, b
+
+
 def flickery(seed=0):
     """A "stylizer" whose output flickers: a random gain, colour offset and noise per frame."""
     g = torch.Generator().manual_seed(seed)
@@ -131,11 +141,7 @@ def test_flow_is_computed_downscaled_for_big_frames():
 
 
 def test_occlusion_behind_a_moving_object_is_unreliable():
-    bg = texture(96, 128, seed=1)
-    square = texture(40, 40, seed=2)
-    a, b = bg.copy(), bg.copy()
-    a[30:70, 30:70] = square
-    b[30:70, 36:76] = square  # the square moves 6 px right over a still background
+    a, b = moving_square()
     motion = FlowEstimator()(a, b)
     assert not motion.cut
     assert np.median(motion.flow[35:65, 40:65, 0]) < -3  # the square is tracked
@@ -148,11 +154,7 @@ def test_the_forward_backward_check_flags_part_of_the_revealed_background_on_its
     """Motion boundaries and the check each flag part of the background a moving object
     uncovers; with neither (``forward_backward=False``, ``motion_boundaries=False``) nothing
     does, and only the stabilizer's residual gate is left there."""
-    bg = texture(96, 128, seed=1)
-    square = texture(40, 40, seed=2)
-    a, b = bg.copy(), bg.copy()
-    a[30:70, 30:70] = square
-    b[30:70, 36:76] = square
+    a, b = moving_square()
     revealed = (slice(32, 68), slice(30, 36))
     share = {
         (fb, mb): FlowEstimator(forward_backward=fb, motion_boundaries=mb)(a, b).reliable[revealed].mean()
@@ -166,11 +168,7 @@ def test_the_forward_backward_check_flags_part_of_the_revealed_background_on_its
 
 
 def test_motion_boundary_pixels_are_blended_only_where_the_input_is_still_along_the_flow():
-    bg = texture(96, 128, seed=1)
-    square = texture(40, 40, seed=2)
-    a, b = bg.copy(), bg.copy()
-    a[30:70, 30:70] = square
-    b[30:70, 36:76] = square
+    a, b = moving_square()
     motion = FlowEstimator()(a, b)
     edge = motion.boundary
     assert edge.dtype == bool and edge.shape == motion.reliable.shape
