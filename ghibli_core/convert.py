@@ -387,6 +387,18 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def check_output_folder(out_dir: str | Path, *, overwrite: bool) -> Path:
+    """``out_dir`` as a Path, refusing to replace a checkpoint already there unless ``overwrite``."""
+    out = Path(out_dir)
+    existing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, "README.md") if (out / name).exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"{out} already holds {', '.join(existing)}; choose another folder or pass overwrite=True "
+            "(--overwrite on the command line)"
+        )
+    return out
+
+
 def save_converted(
     model: HubModel,
     report: dict,
@@ -402,14 +414,8 @@ def save_converted(
     ``dtype`` (e.g. ``torch.float16``) casts the saved floating-point weights. An existing
     checkpoint in ``out_dir`` is only replaced with ``overwrite=True``.
     """
-    out = Path(out_dir)
+    out = check_output_folder(out_dir, overwrite=overwrite)
     source = Path(source)
-    existing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, "README.md") if (out / name).exists()]
-    if existing and not overwrite:
-        raise ValueError(
-            f"{out} already holds {', '.join(existing)}; choose another folder or pass overwrite=True "
-            "(--overwrite on the command line)"
-        )
     digest = sha256_file(source)
     model.save_pretrained(out, dtype=dtype)
     (out / "README.md").write_text(_model_card(report, source.name, digest, dtype))

@@ -1,5 +1,6 @@
 """Networks. Importing this package registers every model family in :data:`MODELS`."""
 from .base import MODELS, CheckpointError, HubModel, load_model, load_weights, read_config, register_model
+from .cartoongan import CartoonGANGenerator
 from .cyclegan import (
     InstanceNorm,
     PatchDiscriminator,
@@ -14,6 +15,7 @@ from .stylegan import StyleGAN2Discriminator, StyleGAN2Generator
 
 __all__ = [
     "MODELS",
+    "CartoonGANGenerator",
     "CheckpointError",
     "HubModel",
     "InstanceNorm",
