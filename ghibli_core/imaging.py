@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "ImageLoadError",
+    "MIN_SIDE",
     "center_crop_resize",
     "list_images",
     "load_image",
@@ -42,6 +43,11 @@ _FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # small enough that the decoded RGB image (192 MB) and its float tensor fit comfortably in memory.
 DEFAULT_MAX_PIXELS = 64_000_000
 
+# The smallest side the app and the CLI stylize (``load_image(..., min_side=MIN_SIDE)``): below an
+# icon's 16 px a result is too small to see (a 1x1 upload "succeeded" with an invisible 1x1
+# picture), and the networks' 4x downsampling would leave under 4 pixels across.
+MIN_SIDE = 16
+
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
 
 
@@ -55,6 +61,7 @@ def load_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_side: int | None = None,
+    min_side: int | None = None,
 ) -> Image.Image:
     """Decode ``source`` into an upright RGB image, refusing anything unsafe or broken.
 
@@ -63,6 +70,8 @@ def load_image(
         max_pixels: refuse images whose header declares more pixels than this (checked before
             decoding, so decompression bombs cost nothing).
         max_side: if given, downscale (Lanczos, aspect kept) so the longer side is at most this.
+        min_side: if given, refuse images whose width or height (from the header, before
+            decoding) is below this; :data:`MIN_SIDE` is the app's and the CLI's.
 
     Returns:
         A fully loaded ``RGB`` image (no open file behind it): EXIF orientation applied,
@@ -71,19 +80,23 @@ def load_image(
 
     Raises:
         ImageLoadError: empty input, missing file, not an image (SVG, HTML, random bytes),
-            an unsupported format, too many pixels, a truncated or corrupt file.
+            an unsupported format, too many pixels, a side below ``min_side``, a truncated or
+            corrupt file.
     """
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be positive, got {max_side}")
+    if min_side is not None and min_side < 1:
+        raise ValueError(f"min_side must be positive, got {min_side}")
+    limits = {"max_pixels": max_pixels, "max_side": max_side, "min_side": min_side}
     if isinstance(source, Image.Image):
-        return _finish(source, "<PIL image>", max_pixels=max_pixels, max_side=max_side)
+        return _finish(source, "<PIL image>", **limits)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
             raise ImageLoadError("the image data is empty (0 bytes)")
-        return _decode(io.BytesIO(data), "<bytes>", max_pixels=max_pixels, max_side=max_side)
+        return _decode(io.BytesIO(data), "<bytes>", **limits)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
@@ -93,7 +106,7 @@ def load_image(
         if path.stat().st_size == 0:
             raise ImageLoadError(f"{path} is empty (0 bytes)")
         with open(path, "rb") as fp:
-            return _decode(fp, str(path), max_pixels=max_pixels, max_side=max_side)
+            return _decode(fp, str(path), **limits)
     if hasattr(source, "read"):
         name = str(getattr(source, "name", "<file object>"))
         data = source.read()
@@ -101,11 +114,11 @@ def load_image(
             raise ImageLoadError(f"{name}: expected a binary file object, read {type(data).__name__}")
         if not data:
             raise ImageLoadError(f"{name} is empty (0 bytes)")
-        return _decode(io.BytesIO(data), name, max_pixels=max_pixels, max_side=max_side)
+        return _decode(io.BytesIO(data), name, **limits)
     raise TypeError(f"cannot load an image from {type(source).__name__}; pass a path, bytes, a file or a PIL image")
 
 
-def _decode(fp: BinaryIO, name: str, *, max_pixels: int, max_side: int | None) -> Image.Image:
+def _decode(fp: BinaryIO, name: str, *, max_pixels: int, max_side: int | None, min_side: int | None) -> Image.Image:
     # Pillow warns between 1x and 2x its MAX_IMAGE_PIXELS and only errors above; our own limit
     # is checked from the header right below, so its warning would only be noise.
     with warnings.catch_warnings():
@@ -124,7 +137,7 @@ def _decode(fp: BinaryIO, name: str, *, max_pixels: int, max_side: int | None) -
         except Exception as exc:  # noqa: BLE001 - any parser failure on untrusted bytes means "not an image"
             raise ImageLoadError(f"{name} could not be read as an image: {exc}") from exc
         with img:
-            _check_pixels(img.size, name, max_pixels)
+            _check_pixels(img.size, name, max_pixels, min_side)
             try:
                 if max_side is not None and img.format in ("JPEG", "MPO"):
                     # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft never goes below the
@@ -135,17 +148,21 @@ def _decode(fp: BinaryIO, name: str, *, max_pixels: int, max_side: int | None) -
                 # img.load() raises on truncated data unless someone set the global
                 # ImageFile.LOAD_TRUNCATED_IMAGES; we never do.
                 img.load()
-                return _finish(img, name, max_pixels=max_pixels, max_side=max_side)
+                return _finish(img, name, max_pixels=max_pixels, max_side=max_side, min_side=min_side)
             except ImageLoadError:
                 raise
             except Exception as exc:  # noqa: BLE001 - decoder errors on untrusted data
                 raise ImageLoadError(f"{name} is truncated or corrupt: {exc}") from exc
 
 
-def _check_pixels(size: tuple[int, int], name: str, max_pixels: int) -> None:
+def _check_pixels(size: tuple[int, int], name: str, max_pixels: int, min_side: int | None = None) -> None:
     w, h = size
     if w < 1 or h < 1:
         raise ImageLoadError(f"{name} has an empty size {w}x{h}")
+    if min_side is not None and min(w, h) < min_side:
+        raise ImageLoadError(
+            f"{name} is {w}x{h} pixels, too small: images need at least {min_side} pixels on each side"
+        )
     if w * h > max_pixels:
         raise ImageLoadError(
             f"{name} is {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,}; "
@@ -153,9 +170,9 @@ def _check_pixels(size: tuple[int, int], name: str, max_pixels: int) -> None:
         )
 
 
-def _finish(img: Image.Image, name: str, *, max_pixels: int, max_side: int | None) -> Image.Image:
+def _finish(img: Image.Image, name: str, *, max_pixels: int, max_side: int | None, min_side: int | None) -> Image.Image:
     """Loaded image of any mode -> upright RGB copy, optionally downscaled."""
-    _check_pixels(img.size, name, max_pixels)
+    _check_pixels(img.size, name, max_pixels, min_side)
     try:
         upright = ImageOps.exif_transpose(img)
     except Exception as exc:  # noqa: BLE001 - malformed EXIF in untrusted files

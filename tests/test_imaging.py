@@ -19,6 +19,7 @@ from PIL import Image
 from ghibli_core.imaging import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
+    MIN_SIDE,
     ImageLoadError,
     center_crop_resize,
     list_images,
@@ -145,6 +146,29 @@ def test_custom_pixel_limit(tmp_path: Path):
         load_image(path, max_pixels=5000)
     assert load_image(path, max_pixels=10_000).size == (100, 100)
     assert DEFAULT_MAX_PIXELS <= Image.MAX_IMAGE_PIXELS
+
+
+@pytest.mark.parametrize("size", [(1, 1), (15, 400), (400, 15)])
+def test_min_side_refuses_tiny_images_naming_the_size(tmp_path: Path, size: tuple[int, int]):
+    path = tmp_path / "tiny.png"
+    noise_image(*size).save(path)
+    w, h = size
+    with pytest.raises(ImageLoadError, match=rf"tiny.png is {w}x{h} pixels, too small: .* at least {MIN_SIDE} pixels"):
+        load_image(path, min_side=MIN_SIDE)
+    with pytest.raises(ImageLoadError, match=f"<PIL image> is {w}x{h} pixels"):
+        load_image(noise_image(*size), min_side=MIN_SIDE)
+    assert load_image(path).size == size  # the library's default checks no minimum
+
+
+def test_min_side_is_checked_from_the_header_and_admits_the_minimum(tmp_path: Path):
+    # a header that declares 1x1 followed by garbage: refused as too small, never decoded
+    with pytest.raises(ImageLoadError, match="is 1x1 pixels, too small"):
+        load_image(png_header_only(1, 1), min_side=MIN_SIDE)
+    path = tmp_path / "edge.png"
+    noise_image(MIN_SIDE, 300).save(path)
+    assert load_image(path, min_side=MIN_SIDE).size == (MIN_SIDE, 300)
+    with pytest.raises(ValueError, match="min_side"):
+        load_image(path, min_side=0)
 
 
 # -- conversions to upright RGB --------------------------------------------------------------------
