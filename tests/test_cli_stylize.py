@@ -51,7 +51,37 @@ def test_output_format_follows_the_extension(tmp_path, model_dir):
     assert stylize(src, "-o", tmp_path / "a_out.jpg", "--model", model_dir) == 0
     with Image.open(tmp_path / "a_out.jpg") as im:
         assert im.format == "JPEG" and im.size == (40, 24)
-    assert stylize(src, "-o", tmp_path / "a_out.txt", "--model", model_dir) == 2
+
+
+@pytest.mark.parametrize("name", ["out.d", "results", "a_out.txt", "existing.png"])
+def test_one_input_into_a_folder_named_without_an_image_extension(tmp_path, model_dir, capsys, name):
+    # a name without an image extension, or an existing folder (whatever its name), is a folder
+    src = photo(tmp_path / "a.png", (40, 24))
+    out = tmp_path / name
+    if name == "existing.png":
+        out.mkdir()
+    assert stylize(src, "-o", out, "--model", model_dir) == 0
+    assert out.is_dir() and Image.open(out / "a.png").size == (40, 24)
+    assert f"stylized 1 image(s) -> {out / 'a.png'}" in capsys.readouterr().out
+
+
+def test_an_existing_file_where_a_folder_is_needed_is_refused(tmp_path, model_dir, capsys):
+    src = photo(tmp_path / "a.png", (40, 24))
+    (tmp_path / "notes.txt").write_text("mine")
+    assert stylize(src, "-o", tmp_path / "notes.txt", "--model", model_dir) == 2
+    assert "notes.txt is an existing file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert stylize(src, tmp_path, "-o", tmp_path / "notes.txt", "--model", model_dir) == 2
+
+
+def test_images_below_the_minimum_side_are_refused_naming_the_size(tmp_path, model_dir, capsys):
+    dot = photo(tmp_path / "dot.png", (1, 1))
+    assert stylize(dot, "-o", tmp_path / "dot_out.png", "--model", model_dir) == 1
+    captured = capsys.readouterr()
+    assert "dot.png is 1x1 pixels, too small" in captured.err and "at least 16 pixels" in captured.err
+    assert not (tmp_path / "dot_out.png").exists()
+    # the summary names no output when none was written
+    assert "stylized 0 image(s); 1 failed" in captured.out and "dot_out.png" not in captured.out
 
 
 def test_folder_recursion_keeps_relative_paths(tmp_path, model_dir, capsys):
@@ -81,8 +111,18 @@ def test_bad_image_is_reported_and_skipped(tmp_path, model_dir, capsys):
 
     assert stylize(root, "-o", out, "--model", model_dir) == 1
     assert sorted(p.name for p in out.iterdir()) == ["good1.png", "good2.png"]  # no temp files left
-    err = capsys.readouterr().err
-    assert "broken.jpg" in err and "Traceback" not in err
+    captured = capsys.readouterr()
+    assert "broken.jpg" in captured.err and "Traceback" not in captured.err
+    assert f"stylized 2 image(s) -> {out}; 1 failed" in captured.out
+
+
+def test_a_single_failed_file_names_no_output(tmp_path, model_dir, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    assert stylize(bad, "-o", tmp_path / "broken_out.png", "--model", model_dir) == 1
+    out = capsys.readouterr().out
+    assert "stylized 0 image(s); 1 failed" in out and "broken_out.png" not in out
+    assert not (tmp_path / "broken_out.png").exists()
 
 
 def test_strength_zero_returns_the_photo(tmp_path, model_dir):

@@ -6,11 +6,13 @@ Examples::
     python -m ghibli_core stylize holiday/ more/ -o out/ --model owner/name --revision v1 --max-side 1024
 
 One input file: ``-o`` is the output file when it has an image extension (its extension picks the
-format), otherwise a folder. Several inputs, or a folder: ``-o`` is a folder; images found in an
+format) and is not an existing folder; otherwise (``-o out/``, ``-o out.d``, ``-o results``) it is a
+folder, made when missing. Several inputs, or a folder: ``-o`` is a folder; images found in an
 input folder keep their path relative to it, and outputs are PNG unless ``--format`` says otherwise.
-A file that cannot be read as an image is reported by name and skipped; the exit code is 1 when
-any input failed. Every output is written under a temporary name and renamed when complete, so an
-interrupted run never leaves a half-written image behind.
+A file that cannot be read as an image, or is under ``imaging.MIN_SIDE`` (16) pixels on a side, is
+reported by name and skipped; the exit code is 1 when any input failed. Every output is written
+under a temporary name and renamed when complete, so an interrupted run never leaves a
+half-written image behind.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ def _unit_float(text: str) -> float:
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", type=Path, metavar="PHOTO_OR_DIR", help="image files and/or folders (searched recursively)")
-    p.add_argument("-o", "--out", required=True, type=Path, help="output file (one input) or folder")
+    p.add_argument("-o", "--out", required=True, type=Path, help="output file (one input file, with an image extension) or folder")
     p.add_argument("--model", default=None, help="model spec: a weights/ name, a local folder or a Hub repo owner/name (default: the embedded default model)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub model")
     p.add_argument("--max-side", type=_positive_int, default=None, metavar="N", help="downscale inputs so the longer side is at most N pixels (outputs have that size); default: full size")
@@ -76,24 +78,25 @@ def plan_jobs(inputs: list[Path], out: Path, *, fmt: str = "png") -> list[Job]:
     Args:
         inputs: image files and folders; folders are searched recursively.
         out: the output file (only for one input file, and only when it has an image
-            extension and is not an existing folder) or the output folder.
+            extension and is not an existing folder) or else the output folder.
         fmt: extension of outputs written into a folder.
 
     Raises:
         FileNotFoundError: an input does not exist.
-        ValueError: an input file is not an image, a folder holds none, ``out`` has an
-            extension that is not an image format, or two inputs would write the same output.
+        ValueError: an input file is not an image, a folder holds none, ``out`` is an existing
+            file where a folder is needed, or two inputs would write the same output.
     """
     from ..imaging import list_images
 
     if f".{fmt}" not in _FORMATS:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {sorted(_FORMATS)}")
     single_file = len(inputs) == 1 and inputs[0].is_file()
-    if single_file and out.suffix and not out.is_dir():
-        if out.suffix.lower() not in _FORMATS:
-            raise ValueError(f"cannot write {out}: unknown image extension {out.suffix!r}; use one of {sorted(_FORMATS)}")
+    if single_file and out.suffix.lower() in _FORMATS and not out.is_dir():
         list_images(inputs)  # same "is this an image file" check as for folders
         return [Job(inputs[0], out)]
+    if out.exists() and not out.is_dir():
+        hint = f"; an output file needs an image extension ({', '.join(sorted(_FORMATS))})" if single_file else ""
+        raise ValueError(f"-o {out} is an existing file, not a folder{hint}")
 
     # a run whose output folder sits inside an input folder must not stylize its own outputs
     out_resolved = out.resolve()
@@ -140,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..hub import DEFAULT_MODEL, load
-    from ..imaging import ImageLoadError, load_image
+    from ..imaging import MIN_SIDE, ImageLoadError, load_image
     from ..stylize import Stylizer
 
     device = torch.device(args.device)  # raises RuntimeError on a malformed name
@@ -175,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         for job in bar:
             bar.set_postfix_str(job.source.name, refresh=False)
             try:
-                photo = load_image(job.source, max_side=args.max_side)
+                photo = load_image(job.source, max_side=args.max_side, min_side=MIN_SIDE)
             except ImageLoadError as exc:
                 # the loader's messages name the file already
                 fail(str(exc) if str(job.source) in str(exc) else f"{job.source}: {exc}")
@@ -188,8 +191,9 @@ def run(args: argparse.Namespace) -> int:
                 continue
             done += 1
 
-    where = todo[0].target if len(jobs) == 1 else args.out
-    print(f"stylized {done} image(s) -> {where}" + (f"; {len(failed)} failed" if failed else ""))
+    # name where the results went only when something was written there
+    where = "" if not done else f" -> {todo[0].target if len(jobs) == 1 else args.out}"
+    print(f"stylized {done} image(s){where}" + (f"; {len(failed)} failed" if failed else ""))
     if failed:
         print(f"{len(failed)} failed:", file=sys.stderr)
         for message in failed:
