@@ -31,7 +31,9 @@ import torch
 from PIL import Image
 
 from ghibli_core import hub
-from ghibli_core.imaging import DEFAULT_MAX_PIXELS, ImageLoadError, center_crop_resize, load_image, to_tensor, to_uint8
+from ghibli_core.imaging import (
+    DEFAULT_MAX_PIXELS, MIN_SIDE, ImageLoadError, center_crop_resize, load_image, to_tensor, to_uint8,
+)
 from ghibli_core.latent import (
     EASINGS,
     Evolution,
@@ -367,7 +369,7 @@ def photo_tab(ctx: AppContext) -> None:
         except (ValueError, hub.HubError) as exc:
             raise user_error(exc) from None
         try:
-            image = load_image(path, max_pixels=ctx.max_pixels)
+            image = load_image(path, max_pixels=ctx.max_pixels, min_side=MIN_SIDE)
         except ImageLoadError as exc:
             raise user_error(exc, replace={path: name}) from None
         # a first request loads the model (seconds on a CPU), a large photo takes seconds too
@@ -685,7 +687,7 @@ def latent_tabs(ctx: AppContext) -> None:
         except ValueError as exc:
             raise user_error(exc) from None
         try:
-            image = load_image(path, max_pixels=ctx.max_pixels)
+            image = load_image(path, max_pixels=ctx.max_pixels, min_side=MIN_SIDE)
         except ImageLoadError as exc:
             raise user_error(exc, replace={path: name}) from None
         G, session, notice = load_gan(model, hub_repo, revision, session)

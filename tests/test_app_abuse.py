@@ -179,13 +179,17 @@ BAD_IMAGES = {
     ),
     "bomb.png": (lambda: bomb_png(20000, 20000), "too large to decode safely"),
     "just_over.png": (_between_pillow_limits, "more than the limit"),
+    # decodable, but a result this small would be invisible: refused naming the size
+    "dot.png": (lambda: encoded(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG"), "is 1x1 pixels, too small"),
+    "line.png": (lambda: encoded(Image.new("RGB", (1, 10000), (90, 90, 200)), "PNG"), "is 1x10000 pixels, too small"),
+    "thumb.png": (lambda: encoded(Image.new("RGB", (15, 40), (90, 90, 200)), "PNG"), "at least 16 pixels on each side"),
 }
 
 
 def expected_rgba_on_white() -> np.ndarray:
-    out = np.zeros((10, 12, 3), np.uint8)
-    out[:, :6] = 255  # transparent red over white is white
-    out[:, 6:] = (0, 0, 255)
+    out = np.zeros((16, 24, 3), np.uint8)
+    out[:, :12] = 255  # transparent red over white is white
+    out[:, 12:] = (0, 0, 255)
     return out
 
 
@@ -207,18 +211,18 @@ def expected_upright() -> np.ndarray:
 
 
 def sixteen_bit() -> bytes:
-    values = (np.arange(12 * 8).reshape(8, 12) * 600).astype(np.uint16)  # up to 57,000 of 65,535
+    values = (np.arange(24 * 16).reshape(16, 24) * 170).astype(np.uint16)  # up to 65,110 of 65,535
     return encoded(Image.fromarray(values), "PNG")  # mode I;16
 
 
 def palette() -> bytes:
-    img = halves((12, 10), 0, 1, mode="P")
+    img = halves((24, 16), 0, 1, mode="P")
     img.putpalette([250, 200, 20, 10, 60, 200] + [0] * 762)
     return encoded(img, "PNG")
 
 
 def animated_gif() -> bytes:
-    frames = [Image.new("RGB", (16, 12), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    frames = [Image.new("RGB", (24, 16), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
     return encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
 
 
@@ -227,28 +231,26 @@ def full(size, colour) -> np.ndarray:
     return np.broadcast_to(np.asarray(colour, np.uint8), (h, w, 3)).copy()
 
 
-# name -> (bytes, expected upright RGB at strength 0 (H, W, 3) uint8, tolerance in grey levels)
+# name -> (bytes, expected upright RGB at strength 0 (H, W, 3) uint8, tolerance in grey levels);
+# each at least 16 pixels a side (imaging.MIN_SIDE)
 GOOD_IMAGES = {
-    "dot.png": (lambda: encoded(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG"), lambda: full((1, 1), (10, 200, 30)), 0),
-    "line.png": (
-        lambda: encoded(Image.new("RGB", (1, 10000), (90, 90, 200)), "PNG"), lambda: full((1, 10000), (90, 90, 200)), 0
-    ),
+    "edge.png": (lambda: encoded(Image.new("RGB", (16, 300), (10, 200, 30)), "PNG"), lambda: full((16, 300), (10, 200, 30)), 0),
     "cmyk.jpg": (
-        lambda: encoded(Image.new("RGB", (16, 12), (200, 100, 50)).convert("CMYK"), "JPEG", quality=95),
-        lambda: full((16, 12), (200, 100, 50)), 4,
+        lambda: encoded(Image.new("RGB", (24, 16), (200, 100, 50)).convert("CMYK"), "JPEG", quality=95),
+        lambda: full((24, 16), (200, 100, 50)), 4,
     ),
     "depth16.png": (
         sixteen_bit,
-        lambda: np.repeat((np.arange(96).reshape(8, 12) * 600 / 257).round().astype(np.uint8)[..., None], 3, -1), 0,
+        lambda: np.repeat((np.arange(384).reshape(16, 24) * 170 / 257).round().astype(np.uint8)[..., None], 3, -1), 0,
     ),
     "rgba.png": (
-        lambda: encoded(halves((12, 10), (255, 0, 0, 0), (0, 0, 255, 255), mode="RGBA"), "PNG"), expected_rgba_on_white, 0
+        lambda: encoded(halves((24, 16), (255, 0, 0, 0), (0, 0, 255, 255), mode="RGBA"), "PNG"), expected_rgba_on_white, 0
     ),
     "palette.png": (
         palette,
-        lambda: np.concatenate([full((6, 10), (250, 200, 20)), full((6, 10), (10, 60, 200))], axis=1), 0,
+        lambda: np.concatenate([full((12, 16), (250, 200, 20)), full((12, 16), (10, 60, 200))], axis=1), 0,
     ),
-    "animated.gif": (animated_gif, lambda: full((16, 12), (255, 0, 0)), 0),
+    "animated.gif": (animated_gif, lambda: full((24, 16), (255, 0, 0)), 0),
     "exif_rotated.jpg": (exif_rotated, expected_upright, 6),
 }
 
@@ -296,7 +298,7 @@ def test_odd_image_gives_the_upright_rgb_result(client, image_files, name):
     assert Image.open(result).size == (want.shape[1], want.shape[0])
 
 
-@pytest.mark.parametrize("name", ["dot.png", "line.png", "cmyk.jpg", "depth16.png", "animated.gif", "exif_rotated.jpg"])
+@pytest.mark.parametrize("name", ["edge.png", "cmyk.jpg", "depth16.png", "animated.gif", "exif_rotated.jpg"])
 def test_odd_image_is_projected(client, image_files, name):
     preview, status, latent = project(client, image_files / name)
     assert Image.open(preview).size == (16, 16) and "projected in 10 steps" in status
