@@ -18,7 +18,11 @@ Fixed resizing (the same for every image, whatever its source):
   3. the values are mapped to the network's input range with ``v / 128 - 1``
      (i.e. [-1, 0.9921875], as in the TF graph).
 
-Metrics are registered in :data:`METRICS` (name -> function of two feature arrays).
+Metrics are registered in :data:`METRICS` (name -> function of two feature arrays): the
+distribution metrics ``fid`` and ``kid`` compare two sets, the paired ``content`` compares each
+output with its own input (see :func:`content_distance`, which computes it from images through a
+VGG). The reference translators every model is scored next to (``identity``: the photos untouched;
+``opencv``: OpenCV's edge-preserving ``cv2.stylization``) are registered in :data:`BASELINES`.
 """
 from __future__ import annotations
 
@@ -33,14 +37,19 @@ import torch
 from PIL import Image
 
 __all__ = [
+    "BASELINES",
+    "CONTENT_LAYER",
     "INCEPTION_SIZE",
     "METRICS",
     "InceptionFeatures",
     "TranslationEvaluator",
+    "content",
+    "content_distance",
     "evaluate_translation",
     "fid",
     "inception_weights_path",
     "kid",
+    "register_baseline",
     "register_metric",
     "tf_bilinear_resize",
 ]
@@ -54,8 +63,15 @@ _INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 # KID precomputes the kernel over both sets up to this many samples in all (128 MiB of float64).
 _KID_FULL_KERNEL_MAX = 4096
 
-# name -> metric(feats_a, feats_b, **options); FID returns a float, KID (mean, std).
+# name -> metric(feats_a, feats_b, **options); FID returns a float, KID and content (mean, std).
 METRICS: dict[str, Callable[..., float | tuple[float, float]]] = {}
+
+# name -> translate(list of PIL RGB images) -> list of PIL RGB images of the same sizes.
+BASELINES: dict[str, Callable[[Sequence[Image.Image]], list[Image.Image]]] = {}
+
+# The VGG layer of the content distance: the content layer of AdaIN/WCT style transfer (at 1/4
+# resolution it keeps the photo's layout, less its exact pixels); the shared offline VGG stops here.
+CONTENT_LAYER = "relu3_1"
 
 
 def register_metric(name: str):
@@ -65,6 +81,18 @@ def register_metric(name: str):
         if name in METRICS:
             raise ValueError(f"metric {name!r} registered twice")
         METRICS[name] = fn
+        return fn
+
+    return wrap
+
+
+def register_baseline(name: str):
+    """Decorator adding a reference translator ``list[PIL] -> list[PIL]`` to :data:`BASELINES`."""
+
+    def wrap(fn):
+        if name in BASELINES:
+            raise ValueError(f"baseline {name!r} registered twice")
+        BASELINES[name] = fn
         return fn
 
     return wrap
@@ -362,6 +390,147 @@ def kid(
     return float(values.mean()), float(values.std())
 
 
+# --------------------------------------------------------------------------- content
+
+
+def _paired_cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # (N, D) and (N, D) -> (N,) float64 1 - cos(a_i, b_i); a zero row is at distance 0 from
+    # another zero row and 1 from anything else (a flat image against a textured one).
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    norm_a, norm_b = a.norm(dim=1), b.norm(dim=1)
+    norms = norm_a * norm_b
+    cos = (a * b).sum(dim=1) / norms.clamp_min(torch.finfo(torch.float64).tiny)
+    both_zero = ((norm_a == 0) & (norm_b == 0)).to(torch.float64)
+    cos = torch.where(norms > 0, cos, both_zero)
+    return (1.0 - cos).clamp_min(0.0)
+
+
+@register_metric("content")
+def content(feats_out, feats_in) -> tuple[float, float]:
+    """Content distance between paired features ``(N, D)``: row i of each comes from one photo.
+
+    ``1 - cos(out_i, in_i)`` per pair, returned as ``(mean, std)`` over the pairs (population
+    std). 0 when every output has the features of its input; with non-negative (post-ReLU)
+    features it is at most 1. :func:`content_distance` computes it from images.
+    """
+    a = np.asarray(feats_out, dtype=np.float64)
+    b = np.asarray(feats_in, dtype=np.float64)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"content: expected two paired (N, D) feature arrays of one shape, got {a.shape} and {b.shape}")
+    if len(a) < 1:
+        raise ValueError("content: needs at least 1 pair, got 0")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("content: features contain NaN or infinity")
+    d = _paired_cosine_distance(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    return float(d.mean()), float(d.std())
+
+
+def _as_image_batches(images, name: str) -> list[torch.Tensor]:
+    # PIL RGB images (any sizes) or one (N, 3, H, W) tensor in [-1, 1] -> single-image tensors
+    from .imaging import to_tensor
+
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"{name}: expected a float (N, 3, H, W) tensor in [-1, 1], got {tuple(images.shape)} {images.dtype}")
+        if images.numel() and (images.min() < -1.001 or images.max() > 1.001):
+            raise ValueError(f"{name}: expected values in [-1, 1], got [{images.min().item():.4g}, {images.max().item():.4g}]")
+        return list(images.detach().to(torch.float32)[:, None])
+    out = []
+    for i, img in enumerate(images):
+        if not isinstance(img, Image.Image) or img.mode != "RGB":
+            got = f"mode {img.mode!r}" if isinstance(img, Image.Image) else type(img).__name__
+            raise ValueError(f"{name}[{i}]: expected a PIL RGB image, got {got}")
+        out.append(to_tensor(img))
+    return out
+
+
+def content_distance(
+    vgg: torch.nn.Module,
+    outputs: Sequence[Image.Image] | torch.Tensor,
+    inputs: Sequence[Image.Image] | torch.Tensor,
+    *,
+    layer: str = CONTENT_LAYER,
+    batch_size: int = 8,
+    progress: bool = False,
+    desc: str = "content",
+) -> np.ndarray:
+    """How far each output has moved from its input photo in VGG feature space: ``(N,)`` float64.
+
+    Per pair, the :func:`content` distance ``1 - cos`` between the flattened ``layer``
+    activations (all channels and positions, so the layout counts) of the output and of its
+    input: 0 when the output is the photo, larger the more of the photo's structure is lost
+    (a style transfer that keeps the scene stays well below an output that blurs it away or
+    paints something else). It is a cosine, so it does not depend on the overall scale of the
+    activations (the AdaIN-normalised VGG and torchvision's give comparable figures) but
+    different VGG weights still give somewhat different numbers: compare within one VGG.
+
+    Args:
+        vgg: a :class:`ghibli_core.models.VGGFeatures` (:func:`ghibli_core.models.load_vgg`),
+            or any module called as ``vgg(x, [layer]) -> {layer: (N, C, h, w)}`` with ``x``
+            ``(N, 3, H, W)`` in ``[-1, 1]``; it runs where its parameters are.
+        outputs, inputs: paired images, either PIL RGB images (pair ``i`` of one size; pairs
+            may differ) or ``(N, 3, H, W)`` tensors in ``[-1, 1]``.
+        layer: the VGG layer (default :data:`CONTENT_LAYER`).
+        batch_size: pairs per forward pass (outputs and inputs go through together).
+        progress: show a tqdm bar named ``desc``.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    outs = _as_image_batches(outputs, "outputs")
+    ins = _as_image_batches(inputs, "inputs")
+    if len(outs) != len(ins):
+        raise ValueError(f"content_distance: {len(outs)} outputs for {len(ins)} inputs")
+    for i, (o, x) in enumerate(zip(outs, ins)):
+        if o.shape != x.shape:
+            raise ValueError(f"content_distance: pair {i} differs in size: output {tuple(o.shape[2:])}, input {tuple(x.shape[2:])}")
+    device = next((p.device for p in vgg.parameters()), torch.device("cpu"))
+    # Pairs of one size go through in batches, each output next to its input in one pass.
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, o in enumerate(outs):
+        by_size.setdefault(tuple(o.shape), []).append(i)
+    distances = np.empty(len(outs), dtype=np.float64)
+    with tqdm(total=len(outs), desc=desc, unit="img", disable=not progress) as bar, torch.inference_mode():
+        for indices in by_size.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                x = torch.cat([outs[i] for i in chunk] + [ins[i] for i in chunk]).to(device)
+                feats = vgg(x, [layer])[layer].flatten(1)
+                n = len(chunk)
+                distances[chunk] = _paired_cosine_distance(feats[:n], feats[n:]).cpu().numpy()
+                bar.update(n)
+    return distances
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+@register_baseline("identity")
+def identity_baseline(images: Sequence[Image.Image]) -> list[Image.Image]:
+    """The photos untouched (copies): how far the raw photos are from the frames."""
+    return [img.copy() for img in images]
+
+
+@register_baseline("opencv")
+def opencv_stylization(images: Sequence[Image.Image]) -> list[Image.Image]:
+    """OpenCV's ``cv2.stylization`` with its default arguments (``sigma_s=60``, ``sigma_r=0.45``).
+
+    An edge-preserving smoothing with darkened edges, a cartoon look without any learning: a
+    model should beat it. OpenCV takes BGR, so each RGB image is flipped there and back.
+    """
+    import cv2
+
+    out = []
+    for i, img in enumerate(images):
+        if not isinstance(img, Image.Image) or img.mode != "RGB":
+            raise ValueError(f"opencv baseline: image {i} is not a PIL RGB image")
+        bgr = np.ascontiguousarray(np.asarray(img, dtype=np.uint8)[:, :, ::-1])
+        styled = cv2.stylization(bgr)
+        out.append(Image.fromarray(np.ascontiguousarray(styled[:, :, ::-1])))
+    return out
+
+
 # --------------------------------------------------------------------------- translation
 
 
@@ -381,6 +550,8 @@ class TranslationEvaluator:
     the untranslated photos (the identity baseline) are computed once, on the first call;
     each call then only translates the photos and extracts their features, so scoring many
     checkpoints of one training run costs one set of features per checkpoint.
+    :meth:`translate_photos` then :meth:`score` do the same in two steps and keep the outputs
+    (for a contact sheet or a content distance); every score uses the same KID subsets.
 
     Args:
         photos, frames: PIL RGB images of any size (at least 2 of each).
@@ -429,61 +600,75 @@ class TranslationEvaluator:
         self._identity: dict[str, float] | None = None
 
     def _scores(self, feats: np.ndarray) -> dict[str, float]:
-        # A fresh generator per comparison: model and baseline use the same subset indices.
+        # A fresh generator per comparison: every translator uses the same subset indices.
         kid_mean, kid_std = METRICS["kid"](
             feats,
-            self._frame_feats,
+            self.reference_features(),
             subsets=self.kid_subsets,
             subset_size=self.kid_subset_size,
             generator=np.random.default_rng(self.seed),
         )
         return {
-            "fid": METRICS["fid"](feats, self._frame_feats),
+            "fid": METRICS["fid"](feats, self.reference_features()),
             "kid": kid_mean,
             "kid_std": kid_std,
             "kid_x1000": kid_mean * 1000.0,
             "kid_std_x1000": kid_std * 1000.0,
         }
 
-    def translate_photos(self, translate: Callable[[list[Image.Image]], list[Image.Image]]) -> list[Image.Image]:
+    def reference_features(self) -> np.ndarray:
+        """The frames' features ``(M, D)``, computed on first use and kept."""
+        if self._frame_feats is None:
+            self._frame_feats = self.features(self.frames, progress=self.progress, desc="frames")
+        return self._frame_feats
+
+    def identity(self) -> dict[str, float]:
+        """The scores of the untranslated photos (the identity baseline), computed once."""
+        if self._identity is None:
+            self.reference_features()
+            self._identity = self._scores(self.features(self.photos, progress=self.progress, desc="photos"))
+        return dict(self._identity)
+
+    def translate_photos(
+        self, translate: Callable[[list[Image.Image]], list[Image.Image]], *, desc: str = "translate"
+    ) -> list[Image.Image]:
         """Run ``translate`` over the cropped photos in batches, checking what it returns."""
         from tqdm.auto import tqdm
 
         translated: list[Image.Image] = []
-        with tqdm(total=len(self.photos), desc="translate", unit="img", disable=not self.progress) as bar:
+        with tqdm(total=len(self.photos), desc=desc, unit="img", disable=not self.progress) as bar:
             for start in range(0, len(self.photos), self.batch_size):
                 chunk = self.photos[start : start + self.batch_size]
                 out = list(translate(chunk))
                 if len(out) != len(chunk):
                     raise ValueError(f"translate returned {len(out)} images for {len(chunk)} inputs")
-                for i, img in enumerate(out):
-                    if not isinstance(img, Image.Image) or img.size != (self.size, self.size):
-                        got = img.size if isinstance(img, Image.Image) else type(img).__name__
-                        raise ValueError(
-                            f"translate output {start + i}: expected a {self.size}x{self.size} PIL image, got {got}"
-                        )
+                self._check_outputs(out, offset=start)
                 translated.extend(out)
                 bar.update(len(chunk))
         return translated
 
-    def __call__(self, translate: Callable[[list[Image.Image]], list[Image.Image]]) -> dict:
-        """Score ``translate`` (``list[PIL] -> list[PIL]``, same length and sizes).
+    def _check_outputs(self, images: Sequence[Image.Image], *, offset: int = 0) -> None:
+        for i, img in enumerate(images):
+            if not isinstance(img, Image.Image) or img.size != (self.size, self.size):
+                got = img.size if isinstance(img, Image.Image) else type(img).__name__
+                raise ValueError(f"translate output {offset + i}: expected a {self.size}x{self.size} PIL image, got {got}")
 
-        Returns a JSON-able dict: ``model`` and ``identity`` (the photos themselves), each with
-        ``fid``, ``kid``, ``kid_std``, ``kid_x1000``, ``kid_std_x1000``; and the counts
-        ``photos``, ``frames``, the ``size``, ``seed`` and the KID settings actually used.
+    def score(self, translated: Sequence[Image.Image], *, desc: str = "translated") -> dict[str, float]:
+        """Scores of already translated photos (one ``size`` x ``size`` PIL image per photo, in order).
+
+        Returns ``fid``, ``kid``, ``kid_std``, ``kid_x1000``, ``kid_std_x1000`` against the frames,
+        with the same KID subsets as every other call. Use it (after :meth:`translate_photos`)
+        to keep the outputs, e.g. for a contact sheet or a content metric.
         """
-        # 1. Reference features and the baseline, once.
-        if self._frame_feats is None:
-            self._frame_feats = self.features(self.frames, progress=self.progress, desc="frames")
-        if self._identity is None:
-            self._identity = self._scores(self.features(self.photos, progress=self.progress, desc="photos"))
-        # 2. The model's features.
-        translated = self.translate_photos(translate)
-        model = self._scores(self.features(translated, progress=self.progress, desc="translated"))
+        if len(translated) != len(self.photos):
+            raise ValueError(f"score: got {len(translated)} translated images for {len(self.photos)} photos")
+        self._check_outputs(translated)
+        self.reference_features()
+        return self._scores(self.features(translated, progress=self.progress, desc=desc))
+
+    def settings(self) -> dict:
+        """The counts and KID settings every score of this evaluator was computed with."""
         return {
-            "model": model,
-            "identity": dict(self._identity),
             "photos": len(self.photos),
             "frames": len(self.frames),
             "size": self.size,
@@ -491,6 +676,20 @@ class TranslationEvaluator:
             "kid_subset_size": min(self.kid_subset_size, len(self.photos), len(self.frames)),
             "seed": self.seed,
         }
+
+    def __call__(self, translate: Callable[[list[Image.Image]], list[Image.Image]]) -> dict:
+        """Score ``translate`` (``list[PIL] -> list[PIL]``, same length and sizes).
+
+        Returns a JSON-able dict: ``model`` and ``identity`` (the photos themselves), each with
+        ``fid``, ``kid``, ``kid_std``, ``kid_x1000``, ``kid_std_x1000``; and the counts
+        ``photos``, ``frames``, the ``size``, ``seed`` and the KID settings actually used
+        (:meth:`settings`).
+        """
+        # 1. Reference features and the baseline, once.
+        identity = self.identity()
+        # 2. The model's features.
+        model = self.score(self.translate_photos(translate))
+        return {"model": model, "identity": identity, **self.settings()}
 
 
 def evaluate_translation(

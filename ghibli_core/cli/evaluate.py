@@ -1,18 +1,37 @@
-"""``python -m ghibli_core evaluate``: FID and KID of a photo -> Ghibli model, next to the raw photos;
-``evaluate video``: the temporal warping error of a stylized clip, with and without stabilization.
+"""``python -m ghibli_core evaluate``: FID, KID and a content distance of photo -> Ghibli models and
+baselines side by side on the same held-out frames; ``evaluate video``: the temporal warping error
+of a stylized clip, with and without stabilization.
 
-Example, scoring on held-out films only::
+Several systems in one run, scored against the same frames (their Inception features are
+computed once) with the same KID subsets (same ``--seed``), with a contact sheet of the outputs
+that were scored::
 
-    python -m ghibli_core evaluate --model weights/photo2ghibli \\
-        --photos ../shared/data/photos --frames ../shared/data/ghibli_frames \\
-        --films howls_moving_castle,kikis_delivery_service,ponyo --json runs/eval.json
+    python -m ghibli_core evaluate --model identity --model opencv --model /work/anchors/cartoongan \
+        --model photo2ghibli --photos ../shared/data/photos --frames ../shared/data/ghibli_frames \
+        --films howls_moving_castle,kikis_delivery_service,ponyo \
+        --vgg ../shared/weights/vgg19_normalised_relu3_1.safetensors --sheet sheet.png --json eval.json
+
+``--model`` is repeatable (one system each, in that order; no comma lists, since folder names may
+hold commas). A value is a model spec (an embedded name, a checkpoint folder, a Hub repo
+``owner/name[@revision]``) or a built-in baseline of :data:`ghibli_core.metrics.BASELINES`:
+``identity`` (the photos untouched) or ``opencv`` (``cv2.stylization`` with OpenCV's default
+arguments). The names of the baselines win over same-named embedded models or folders: write
+``./identity`` for a folder of that name. The photos themselves (``identity``) are always scored:
+when not listed, they are added as the last row (not on the sheet, whose first column shows them).
+
+Each row: KID x1000 (mean ± std over the subsets), FID, and with ``--vgg`` the *content*
+distance, ``1 - cosine`` between the VGG relu3_1 features of each output and of its own photo,
+averaged over the photos (:func:`ghibli_core.metrics.content_distance`): 0 for the photos
+themselves, higher the more of the photo's structure is gone, so a KID won by blurring or
+repainting the photo shows. A single ``--model`` runs as before (the model, then the identity
+baseline), and its JSON keeps the old ``model``/``identity`` keys.
 
 and a clip (the warping error of the input, of the frames stylized one by one, and stabilized,
 measured along Farneback's optical flow, another method than the stabilizer's, unless
 ``--metric-flow same``; with ``--frames``, also the KID of both outputs against real Ghibli
 frames)::
 
-    python -m ghibli_core evaluate video clip.mp4 --model photo2ghibli --height 360 --stability 0.5 \\
+    python -m ghibli_core evaluate video clip.mp4 --model photo2ghibli --height 360 --stability 0.5 \
         --frames ../shared/data/ghibli_frames --films ponyo --json runs/video_eval.json
 """
 from __future__ import annotations
@@ -20,9 +39,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from . import command
+
+SHEET_HEADER = 20  # pixels of the contact sheet's header row (the column names)
 
 def find_images(
     root: Path,
@@ -70,11 +93,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("clip", nargs="?", type=Path, default=None, metavar="CLIP", help="the video clip (with 'video')")
     p.add_argument(
-        "--model", default=None,
-        help="model spec: a weights/ folder, a local folder or a Hub repo (required for photos; "
-        "for 'video' the embedded video model when omitted)",
+        "--model", action="append", default=None, metavar="SPEC",
+        help="a system to score (repeatable, one per --model, in table and sheet order): a model spec "
+        "(weights/ folder name, local folder, Hub repo owner/name[@rev]) or a baseline: "
+        "identity (the photos untouched), opencv (cv2.stylization). Required for photos; "
+        "'video' takes one model, the embedded video model when omitted",
     )
-    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub model")
+    p.add_argument(
+        "--revision", default=None,
+        help="Hub revision (branch, tag or commit) for a Hub model; with several models write owner/name@rev",
+    )
     p.add_argument(
         "--photos", type=Path, default=None,
         help="folder of photos to translate (searched recursively; required for photos)",
@@ -110,6 +138,17 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (capped at the smaller set)")
     p.add_argument("--seed", type=int, default=0, help="seed of the KID subsets (default 0)")
     p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the numbers to this JSON file")
+    p.add_argument(
+        "--vgg", default=None, metavar="FILE_OR_REPO",
+        help="VGG weights (torchvision layout: .safetensors file or Hub repo) for the content column, e.g. "
+        "../shared/weights/vgg19_normalised_relu3_1.safetensors; without it the column is omitted",
+    )
+    p.add_argument(
+        "--sheet", type=Path, default=None, metavar="OUT.png",
+        help="write a contact sheet: one row per photo, columns input | each --model, from the scored outputs",
+    )
+    p.add_argument("--sheet-photos", type=int, default=12, metavar="N", help="photos on the sheet, evenly spaced (12)")
+    p.add_argument("--sheet-size", type=int, default=None, metavar="PX", help="sheet cell side, at most --size (default --size)")
     from .video import parse_height, parse_time
 
     video = p.add_argument_group("video (with 'evaluate video CLIP')")
@@ -141,7 +180,7 @@ def _load_cropped(paths: list[Path], size: int, desc: str):
 
 
 def format_table(result: dict) -> str:
-    """The two rows (model, identity baseline) as a small aligned text table."""
+    """:func:`ghibli_core.metrics.evaluate_translation`'s two rows (model, identity) as a small text table."""
     lines = [f"{'':<10}{'FID':>10}   {'KID x1000 (mean ± std)':>24}"]
     for row in ("model", "identity"):
         r = result[row]
@@ -153,9 +192,175 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+CONTENT_MEASURE = "1 - cosine of VGG {layer} features, each output vs its own photo, mean over the photos"
+
+
+def format_systems(rows: list[dict], settings: dict) -> str:
+    """One aligned row per system: name | KID x1000 (mean ± std) | FID | content (when measured).
+
+    ``rows`` are the JSON rows of :func:`run` (``name``, ``kid_x1000``, ``kid_std_x1000``,
+    ``fid``, and ``content`` None or a float); ``settings`` the counts and KID settings.
+    """
+    with_content = any(r.get("content") is not None for r in rows)
+    table = [["system", "KID x1000 (mean ± std)", "FID"] + (["content"] if with_content else [])]
+    for r in rows:
+        cells = [r["name"], f"{r['kid_x1000']:.2f} ± {r['kid_std_x1000']:.2f}", f"{r['fid']:.2f}"]
+        if with_content:
+            cells.append("-" if r.get("content") is None else f"{r['content']:.4f}")
+        table.append(cells)
+    # widths from the cells themselves (FIDs of small test sets run to many digits)
+    widths = [max(len(line[c]) for line in table) for c in range(len(table[0]))]
+    lines = [
+        "  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(line, widths)))
+        for line in table
+    ]
+    size = settings["size"]
+    lines.append(
+        f"{settings['photos']} photos vs {settings['frames']} frames at {size}x{size}; KID over "
+        f"{settings['kid_subsets']} subsets of {settings['kid_subset_size']} (seed {settings['seed']}), "
+        "the same for every system"
+    )
+    if with_content:
+        layer = settings.get("content_layer", "relu3_1")
+        lines.append("content: " + CONTENT_MEASURE.format(layer=layer) + " (0 = the photo itself)")
+    else:
+        lines.append("content: not measured (give --vgg FILE_OR_REPO to add the column)")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class System:
+    """One ``--model`` value: a built-in baseline or a model spec (checked, not loaded yet).
+
+    ``name`` is the value as given; ``kind`` ``"baseline"``, ``"embedded"``, ``"local"`` or
+    ``"hub"``; ``spec`` the parsed spec (None for a baseline); ``listed`` False for the identity
+    row added when ``--model`` does not name it.
+    """
+
+    name: str
+    kind: str
+    spec: object = None
+    listed: bool = True
+
+    @property
+    def label(self) -> str:
+        """A short name for the contact sheet's header: the folder or repo name."""
+        if self.kind in ("local", "embedded"):
+            return Path(str(self.spec)).name
+        if self.kind == "hub":
+            return str(self.spec).split("/", 1)[-1]
+        return self.name
+
+
+def parse_systems(values: Sequence[str], *, revision: str | None = None) -> list[System]:
+    """Check every ``--model`` value before anything slow: baselines by name, specs parsed, and
+    embedded and local checkpoint folders checked (a Hub repo is only fetched when it runs).
+
+    Raises ValueError naming the bad value, with the baselines and the spec forms it could be.
+    """
+    from ..hub import parse_spec, resolve
+    from ..metrics import BASELINES
+
+    baselines = ", ".join(BASELINES)
+    names = [v.strip() for v in values]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"--model {name!r} is given twice")
+    models = [n for n in names if n not in BASELINES]
+    if revision and len(models) != 1:
+        raise ValueError(
+            f"--revision applies to a single model, got {len(models)} models: write owner/name@revision for each Hub repo"
+        )
+    systems = []
+    for name in names:
+        if name in BASELINES:
+            systems.append(System(name, "baseline"))
+            continue
+        try:
+            spec = parse_spec(name, revision)
+            if spec.kind != "hub":
+                resolve(spec)  # a folder check: config.json with a known model_type, model.safetensors
+        except ValueError as exc:
+            raise ValueError(f"--model {name!r}: {exc} (or a built-in baseline: {baselines})") from None
+        systems.append(System(name, spec.kind, spec))
+    if "identity" not in names:
+        systems.append(System("identity", "baseline", listed=False))
+    return systems
+
+
+def sheet_indices(n: int, count: int) -> list[int]:
+    """``count`` evenly spaced indices of ``n`` items (all of them when ``count >= n``), like ``--max-images``."""
+    if count >= n:
+        return list(range(n))
+    return [int(i * n / count) for i in range(count)]
+
+
+def contact_sheet(columns: Sequence[tuple[str, Sequence]], *, cell: int, header: int = SHEET_HEADER):
+    """A grid: one column per ``(name, images)`` pair, one row per image, under a header row of the names.
+
+    Every image is shown as a ``cell`` x ``cell`` square (resized with Lanczos when it is
+    another size); the result is ``(cell * columns, header + cell * rows)`` pixels, RGB.
+    Names too wide for a cell are cut short, ending in '..'.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not columns:
+        raise ValueError("contact_sheet: no columns")
+    if cell < 1 or header < 0:
+        raise ValueError(f"contact_sheet: cell must be >= 1 and header >= 0, got {cell} and {header}")
+    rows = len(columns[0][1])
+    if any(len(images) != rows for _, images in columns):
+        raise ValueError(f"contact_sheet: columns differ in length: {[len(images) for _, images in columns]}")
+    sheet = Image.new("RGB", (cell * len(columns), header + cell * rows), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for c, (name, images) in enumerate(columns):
+        text = name
+        while text and draw.textlength(text, font=font) > cell - 4:
+            text = text[:-4] + ".." if len(text) > 2 else ""
+        if header:
+            draw.text((c * cell + 2, 2), text, fill="black", font=font)
+        for r, img in enumerate(images):
+            if img.size != (cell, cell):
+                img = img.resize((cell, cell), Image.Resampling.LANCZOS)
+            sheet.paste(img.convert("RGB"), (c * cell, header + r * cell))
+    return sheet
+
+
+def _check_photo_args(args: argparse.Namespace) -> None:
+    """Every check that needs no file: before the slow model and image loading."""
+    from PIL import Image
+
+    if args.size < 1:
+        raise ValueError(f"--size must be >= 1, got {args.size}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.sheet is not None:
+        if args.sheet.suffix.lower() not in Image.registered_extensions():
+            raise ValueError(f"--sheet {args.sheet}: unknown image extension (use .png or .jpg)")
+        if args.sheet_photos < 1:
+            raise ValueError(f"--sheet-photos must be >= 1, got {args.sheet_photos}")
+        if args.sheet_size is None:
+            args.sheet_size = args.size
+        if not 1 <= args.sheet_size <= args.size:
+            raise ValueError(f"--sheet-size must be between 1 and --size ({args.size}), got {args.sheet_size}")
+
+
+def _translator(system: System, args: argparse.Namespace):
+    """``list[PIL] -> list[PIL]`` for one system (loads a model now)."""
+    from ..hub import load
+    from ..metrics import BASELINES
+    from ..stylize import Stylizer
+
+    if system.kind == "baseline":
+        return BASELINES[system.name]
+    model = load(system.spec, map_location="cpu")
+    return Stylizer(model, device=args.device, precision=args.precision).stylize_images
+
+
 @command(
     "evaluate",
-    "FID and KID of a photo->Ghibli model vs real frames, raw photos as baseline; "
+    "FID, KID and content distance of photo->Ghibli models and baselines side by side vs real frames; "
     "'evaluate video CLIP': temporal warping error with and without stabilization",
     _add_arguments,
 )
@@ -163,35 +368,32 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "video":
         return run_video(args)
     required = (("--model", args.model), ("--photos", args.photos), ("--frames", args.frames))
-    missing = [flag for flag, value in required if value is None]
+    missing = [flag for flag, value in required if not value]
     if missing:
         raise ValueError(f"the following arguments are required: {', '.join(missing)} (or use 'evaluate video CLIP')")
     if args.clip is not None:
         raise ValueError(f"unexpected argument {args.clip}; to evaluate a clip use 'evaluate video CLIP'")
     if args.batch_size is None:
         args.batch_size = 16
-    from ..hub import load
-    from ..metrics import InceptionFeatures, evaluate_translation
-    from ..stylize import Stylizer
+    from ..metrics import CONTENT_LAYER, InceptionFeatures, TranslationEvaluator, content_distance
 
-    # checked before the slow model and image loading
-    if args.size < 1:
-        raise ValueError(f"--size must be >= 1, got {args.size}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    # 1. everything checked before the slow model and image loading
+    _check_photo_args(args)
+    systems = parse_systems(args.model, revision=args.revision)
     photo_paths = find_images(args.photos, max_images=args.max_images)
     frame_paths = find_images(
         args.frames, films=args.films, include=args.include, exclude=args.exclude, max_images=args.max_images
     )
+    vgg = None
+    if args.vgg is not None:
+        from ..models.perceptual import load_vgg
 
-    model = load(args.model, revision=args.revision, map_location="cpu")
-    stylizer = Stylizer(model, device=args.device, precision=args.precision)
+        vgg = load_vgg(args.vgg, device=args.device)
+
+    # 2. the images, once; the frames' features on the first score
     photos = _load_cropped(photo_paths, args.size, "load photos")
     frames = _load_cropped(frame_paths, args.size, "load frames")
-
-    start = time.perf_counter()
-    result = evaluate_translation(
-        stylizer.stylize_images,
+    evaluator = TranslationEvaluator(
         photos,
         frames,
         size=args.size,
@@ -202,24 +404,78 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=True,
     )
+    on_sheet = sheet_indices(len(photos), args.sheet_photos) if args.sheet is not None else []
+    sheet_columns = [("input", [evaluator.photos[i] for i in on_sheet])]
+
+    # 3. each system: translate, score, content; only the sheet's outputs are kept
+    start = time.perf_counter()
+    rows = []
+    for system in systems:
+        began = time.perf_counter()
+        translate = _translator(system, args)
+        outputs = evaluator.translate_photos(translate, desc=f"{system.label}: translate")
+        del translate  # a model's memory goes before the next one loads
+        scores = evaluator.score(outputs, desc=f"{system.label}: inception")
+        distances = None
+        if vgg is not None:
+            distances = content_distance(
+                vgg, outputs, evaluator.photos, batch_size=max(1, args.batch_size // 2), progress=True,
+                desc=f"{system.label}: content",
+            )
+        if system.listed:
+            sheet_columns.append((system.label, [outputs[i] for i in on_sheet]))
+        rows.append({
+            "name": system.name,
+            "kind": system.kind,
+            "spec": None if system.spec is None else str(system.spec),
+            "listed": system.listed,
+            **scores,
+            "content": None if distances is None else float(distances.mean()),
+            "content_std": None if distances is None else float(distances.std()),
+            "seconds": round(time.perf_counter() - began, 1),
+        })
     elapsed = time.perf_counter() - start
-    print(format_table(result))
-    spec = f"{args.model}@{args.revision}" if args.revision else args.model
-    print(f"model {spec}; {elapsed:.0f} s on {args.device}")
+    settings = {**evaluator.settings(), "content_layer": CONTENT_LAYER}
+    print(format_systems(rows, settings))
+    print(f"{len(rows)} systems; {elapsed:.0f} s on {args.device}")
+
+    if args.sheet is not None:
+        sheet = contact_sheet(sheet_columns, cell=args.sheet_size)
+        args.sheet.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.sheet.with_name(f".{args.sheet.stem}.tmp{args.sheet.suffix}")
+        sheet.save(tmp)
+        tmp.replace(args.sheet)
+        print(f"wrote {args.sheet} ({len(on_sheet)} photos x {len(sheet_columns)} columns)")
 
     if args.json is not None:
         record = {
-            **result,
-            "model_spec": args.model,
-            "revision": args.revision,
+            "systems": rows,
+            **evaluator.settings(),
+            "content": None if vgg is None else {
+                "vgg": str(args.vgg), "layer": CONTENT_LAYER, "measure": CONTENT_MEASURE.format(layer=CONTENT_LAYER),
+            },
+            "sheet": None if args.sheet is None else {
+                "path": str(args.sheet),
+                "cell": args.sheet_size,
+                "columns": [name for name, _ in sheet_columns],
+                "photos": [photo_paths[i].relative_to(args.photos).as_posix() for i in on_sheet],
+            },
             "precision": args.precision,
+            "device": args.device,
             "photos_dir": str(args.photos),
             "frames_dir": str(args.frames),
             "films": args.films,
             "include": args.include,
             "exclude": args.exclude,
+            "max_images": args.max_images,
+            "revision": args.revision,
             "seconds": round(elapsed, 1),
         }
+        scores_of = lambda row: {k: row[k] for k in ("fid", "kid", "kid_std", "kid_x1000", "kid_std_x1000")}  # noqa: E731
+        record["identity"] = scores_of(next(r for r in rows if r["name"] == "identity"))
+        if len(args.model) == 1:  # the single-model record, as before
+            record["model"] = scores_of(rows[0])
+            record["model_spec"] = args.model[0]
         _write_json(args.json, record)
     return 0
 
@@ -286,6 +542,10 @@ def run_video(args: argparse.Namespace) -> int:
         raise ValueError("evaluate video needs the clip: evaluate video CLIP [--model SPEC]")
     if args.photos is not None:
         raise ValueError("--photos is for the photo evaluation; 'evaluate video' measures a clip")
+    if args.model and len(args.model) > 1:
+        raise ValueError(f"evaluate video takes one --model, got {len(args.model)}: {args.model}")
+    if args.vgg is not None or args.sheet is not None:
+        raise ValueError("--vgg and --sheet are for the photo evaluation, not 'evaluate video'")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     # 1. the clip and the reference frames are checked before the model loads
@@ -300,7 +560,7 @@ def run_video(args: argparse.Namespace) -> int:
         )
     size = output_size(info, args.height)
     batch_size = args.batch_size or auto_batch_size(size)
-    args.model = args.model or default_video_model()
+    args.model = args.model[0] if args.model else default_video_model()
     model = load(args.model, revision=args.revision, map_location="cpu")
     run_model = as_frame_model(model, size, device=args.device, precision=args.precision, batch_size=batch_size)
 
