@@ -505,6 +505,55 @@ def model_card(folder: str | Path) -> str:
     return card.read_text(encoding="utf-8") if card.is_file() else ""
 
 
+# -- model cards: held-out figures ----------------------------------------------------------------
+# What a card's YAML front matter may declare for card_metrics (one convention for every card: the
+# README's "Models and checkpoints" describes it), with the type each must have.
+CARD_METRICS: dict[str, type] = {
+    "kid_x1000": float,  # KID x 1000 of the outputs against frames of films held out of training
+    "kid_films": list,  # those held-out films (folder names under ghibli_frames/)
+    "kid_baseline": str,  # what the card compares with, e.g. "the photos unchanged"
+    "kid_baseline_x1000": float,  # that comparison's KID x 1000, measured the same way
+}
+# The project's bar for a default model: KID x 1000 at most this on the held-out films (other
+# Ghibli films score about 13 against them).
+KID_BAR_X1000 = 30.0
+
+
+def card_metrics(folder: str | Path) -> dict[str, float | str | list[str]]:
+    """The held-out figures a checkpoint's card declares in its YAML front matter.
+
+    Returns the keys of :data:`CARD_METRICS` the card has (numbers as floats); ``{}`` when there is
+    no card, no front matter, or none of those keys.
+
+    Raises:
+        ValueError: the front matter is not YAML, or a key holds the wrong type (names the card).
+    """
+    from huggingface_hub.repocard import metadata_load
+
+    card = Path(folder) / CARD_NAME
+    if not card.is_file():
+        return {}
+    try:
+        meta = metadata_load(card) or {}
+    except Exception as exc:  # noqa: BLE001 - yaml's errors, or a front matter that is not a mapping
+        raise ValueError(f"{card}: the front matter is not a YAML mapping: {exc}") from None
+    found: dict[str, float | str | list[str]] = {}
+    for key, kind in CARD_METRICS.items():
+        if key not in meta:
+            continue
+        value = meta[key]
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[key] = float(value)
+        elif kind is str and isinstance(value, str):
+            found[key] = value
+        elif kind is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            found[key] = list(value)
+        else:
+            want = {float: "a number", str: "text", list: "a list of names"}[kind]
+            raise ValueError(f"{card}: {key} must be {want}, got {value!r}")
+    return found
+
+
 # -- publishing ------------------------------------------------------------------------------
 def _files_to_push(folder: Path) -> list[Path]:
     files = [folder / CONFIG_NAME, folder / WEIGHTS_NAME]

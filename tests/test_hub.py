@@ -388,3 +388,40 @@ def test_hf_endpoint_environment_in_a_fresh_process(fake_hub, published, tmp_pat
     folder = Path(run.stdout.strip().splitlines()[-1])
     assert home in folder.parents and folder.name == published[3]
     assert (folder / "model.safetensors").read_bytes() == fake_hub.files(REPO)["model.safetensors"]
+
+
+# -- model cards: held-out figures ----------------------------------------------------------------
+def write_card(folder: Path, front_matter: str, body: str = "# A model\n") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "README.md").write_text(f"---\n{front_matter}---\n\n{body}")
+    return folder
+
+
+def test_card_metrics_reads_the_front_matter(tmp_path):
+    folder = write_card(
+        tmp_path / "m",
+        "license: apache-2.0\n# a comment\nkid_x1000: 106\nkid_films: [ponyo, howls_moving_castle]\n"
+        "kid_baseline: the photos unchanged\nkid_baseline_x1000: 93.97\nother_key: kept out\n",
+        body="kid_x1000: 1 (the body is not read)\n",
+    )
+    assert hub.card_metrics(folder) == {
+        "kid_x1000": 106.0, "kid_films": ["ponyo", "howls_moving_castle"],
+        "kid_baseline": "the photos unchanged", "kid_baseline_x1000": 93.97,
+    }
+    assert isinstance(hub.card_metrics(folder)["kid_x1000"], float)
+
+
+def test_card_metrics_without_figures_and_with_wrong_ones(tmp_path):
+    assert hub.card_metrics(tmp_path / "no_folder") == {}
+    assert hub.card_metrics(write_card(tmp_path / "plain", "license: mit\n")) == {}
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "README.md").write_text("# no front matter\nkid_x1000: 5\n")
+    assert hub.card_metrics(tmp_path / "bare") == {}
+    with pytest.raises(ValueError, match=r"README.md: kid_x1000 must be a number, got 'good'"):
+        hub.card_metrics(write_card(tmp_path / "text", "kid_x1000: good\n"))
+    with pytest.raises(ValueError, match="kid_x1000 must be a number"):
+        hub.card_metrics(write_card(tmp_path / "bool", "kid_x1000: true\n"))
+    with pytest.raises(ValueError, match="kid_films must be a list of names"):
+        hub.card_metrics(write_card(tmp_path / "films", "kid_films: ponyo\n"))
+    with pytest.raises(ValueError, match="not a YAML mapping"):
+        hub.card_metrics(write_card(tmp_path / "yaml", "kid_x1000: [1,\n"))

@@ -46,3 +46,12 @@ def test_the_gan_default_renders_distinct_images():
     images = render(G, seed_ws(G, [1, 2]))
     assert images.shape == (2, 3, G.resolution, G.resolution) and torch.isfinite(images).all()
     assert (images[0] - images[1]).abs().mean() > 0.01
+
+
+def test_every_embedded_card_declares_its_held_out_kid():
+    # the convention of hub.card_metrics, which the app's model pickers and notice show
+    for name in hub.embedded_models():
+        figures = hub.card_metrics(hub.WEIGHTS_DIR / name)
+        assert figures["kid_x1000"] > 0 and figures["kid_films"], name
+        assert f"{figures['kid_x1000']:.2f}" in (hub.WEIGHTS_DIR / name / "README.md").read_text().split("\n---\n", 1)[1], name
+        assert figures["kid_baseline"] and figures["kid_baseline_x1000"] > 0, name
