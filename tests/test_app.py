@@ -142,6 +142,36 @@ def test_model_card_endpoint(server):
     assert "no model card" in client.predict("other", api_name="/model_card")
 
 
+def test_pickers_and_the_page_show_each_models_held_out_kid(tmp_path):
+    weights = tmp_path / "weights"
+    for name, kid in (("early", 106.85), ("good", 21.5), ("plain", None)):
+        torch.manual_seed(0)
+        ResnetGenerator(width=4, n_blocks=1).save_pretrained(weights / name)
+        figures = "" if kid is None else f"kid_x1000: {kid}\nkid_baseline: the photos unchanged\nkid_baseline_x1000: 93.97\n"
+        (weights / name / "README.md").write_text(f"---\nlicense: mit\n{figures}---\n# {name}\n")
+    models = app.Models(weights_dir=weights, default_model="early")
+    assert models.choices() == [
+        ("early · KID 106.85 (the photos unchanged: 93.97)", "early"),
+        ("good · KID 21.50 (the photos unchanged: 93.97)", "good"),
+        ("plain", "plain"),  # a card without figures: the name alone
+    ]
+    notice = models.quality_notice()
+    assert "below the project's quality bar" in notice and "**early** 106.85" in notice
+    assert "good" not in notice and "plain" not in notice  # within the bar, or no figure to judge
+
+    demo = app.build_app(weights_dir=weights, default_model="early", device="cpu")
+    shown = [c["props"] for c in demo.config["components"] if c["props"].get("elem_id") == "quality-notice"]
+    assert len(shown) == 1 and "**early** 106.85" in shown[0]["value"]
+    pickers = [c["props"] for c in demo.config["components"] if c["props"].get("label") == "Model"]
+    assert pickers and all(("early · KID 106.85 (the photos unchanged: 93.97)", "early") in p["choices"] for p in pickers)
+
+    # all models within the bar: no notice on the page
+    (weights / "early" / "README.md").write_text("---\nkid_x1000: 25\n---\n# early\n")
+    assert app.Models(weights_dir=weights).quality_notice() == ""
+    demo = app.build_app(weights_dir=weights, default_model="early", device="cpu")
+    assert not [c for c in demo.config["components"] if c["props"].get("elem_id") == "quality-notice"]
+
+
 def test_binding_follows_flags_then_environment():
     assert app.resolve_binding(None, None, env={}) == ("127.0.0.1", 7860)
     assert app.resolve_binding(None, None, env={"SYSTEM": "spaces"}) == ("0.0.0.0", 7860)
