@@ -14,7 +14,14 @@ from PIL import Image, ImageFilter
 from safetensors.torch import save_file
 
 from ghibli_core.cli import main
-from ghibli_core.cli.evaluate import SHEET_HEADER, contact_sheet, format_systems, sheet_indices
+from ghibli_core.cli.evaluate import (
+    SHEET_HEADER,
+    contact_sheet,
+    format_systems,
+    parse_systems,
+    sheet_indices,
+    short_labels,
+)
 from ghibli_core.imaging import center_crop_resize, load_image
 from ghibli_core.metrics import (
     BASELINES,
@@ -301,3 +308,12 @@ def test_the_offline_vgg_loads_for_the_content_column():
     photo = scene(0, (64, 64))
     d = content_distance(vgg, [photo.filter(ImageFilter.GaussianBlur(4)), photo.copy()], [photo, photo])
     assert d[1] == pytest.approx(0.0, abs=1e-6) and d[0] > 0.01
+
+
+def test_sheet_labels_tell_same_named_folders_apart(data, tmp_path):
+    torch.manual_seed(1)
+    ResnetGenerator(width=4, n_blocks=1).save_pretrained(tmp_path / "other" / "tiny")
+    systems = parse_systems(["opencv", str(data["tiny"]), str(tmp_path / "other" / "tiny"), "owner/repo@v1"])
+    assert [s.kind for s in systems] == ["baseline", "local", "local", "hub", "baseline"]
+    assert not systems[-1].listed and systems[-1].name == "identity"
+    assert short_labels(systems) == ["opencv", f"{data['root'].name}/tiny", "other/tiny", "repo@v1", "identity"]

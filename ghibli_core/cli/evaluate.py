@@ -242,14 +242,26 @@ class System:
     spec: object = None
     listed: bool = True
 
-    @property
-    def label(self) -> str:
-        """A short name for the contact sheet's header: the folder or repo name."""
+    def label(self, parts: int = 1) -> str:
+        """A short name for the contact sheet's header and the progress bars: the last ``parts``
+        parts of the folder path, or the repo name (with its ``@revision``)."""
         if self.kind in ("local", "embedded"):
-            return Path(str(self.spec)).name
+            return "/".join(Path(str(self.spec)).parts[-parts:])
         if self.kind == "hub":
-            return str(self.spec).split("/", 1)[-1]
+            return str(self.spec) if parts > 1 else str(self.spec).split("/", 1)[-1]
         return self.name
+
+
+def short_labels(systems: Sequence[System]) -> list[str]:
+    """Each system's :meth:`System.label`, one path part longer where two would read the same
+    (``runs/a/generator`` and ``runs/b/generator`` become ``a/generator`` and ``b/generator``)."""
+    labels = [s.label() for s in systems]
+    for parts in range(2, 8):
+        twice = {x for x in labels if labels.count(x) > 1}
+        if not twice:
+            break
+        labels = [s.label(parts) if x in twice else x for s, x in zip(systems, labels)]
+    return labels
 
 
 def parse_systems(values: Sequence[str], *, revision: str | None = None) -> list[System]:
@@ -410,20 +422,20 @@ def run(args: argparse.Namespace) -> int:
     # 3. each system: translate, score, content; only the sheet's outputs are kept
     start = time.perf_counter()
     rows = []
-    for system in systems:
+    for system, label in zip(systems, short_labels(systems)):
         began = time.perf_counter()
         translate = _translator(system, args)
-        outputs = evaluator.translate_photos(translate, desc=f"{system.label}: translate")
+        outputs = evaluator.translate_photos(translate, desc=f"{label}: translate")
         del translate  # a model's memory goes before the next one loads
-        scores = evaluator.score(outputs, desc=f"{system.label}: inception")
+        scores = evaluator.score(outputs, desc=f"{label}: inception")
         distances = None
         if vgg is not None:
             distances = content_distance(
                 vgg, outputs, evaluator.photos, batch_size=max(1, args.batch_size // 2), progress=True,
-                desc=f"{system.label}: content",
+                desc=f"{label}: content",
             )
         if system.listed:
-            sheet_columns.append((system.label, [outputs[i] for i in on_sheet]))
+            sheet_columns.append((label, [outputs[i] for i in on_sheet]))
         rows.append({
             "name": system.name,
             "kind": system.kind,
