@@ -1,4 +1,5 @@
 """Networks. Importing this package registers every model family in :data:`MODELS`."""
+from .animegan import AnimeGANv3Generator
 from .base import MODELS, CheckpointError, HubModel, load_model, load_weights, read_config, register_model
 from .cartoongan import CartoonGANGenerator
 from .cyclegan import (
@@ -15,6 +16,7 @@ from .stylegan import StyleGAN2Discriminator, StyleGAN2Generator
 
 __all__ = [
     "MODELS",
+    "AnimeGANv3Generator",
     "CartoonGANGenerator",
     "CheckpointError",
     "HubModel",
