@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 
 from . import command
+from .train_distill import add_distill_parser, run_distill
 from .train_style import add_style_parser, run_style
 from .train_stylegan import add_stylegan_parser, run_stylegan
 
@@ -97,10 +98,17 @@ def _run_cyclegan(args: argparse.Namespace) -> int:
 
 
 def _make_evaluator(args: argparse.Namespace):
-    """FID/KID of translated ``--eval-photos`` against ``--eval-frames``.
+    return make_translation_evaluator(
+        photos=args.eval_photos, frames=args.eval_frames, include=args.eval_include,
+        size=args.eval_size, max_images=args.eval_max_images,
+    )
+
+
+def make_translation_evaluator(*, photos, frames, include, size: int, max_images: int | None):
+    """FID/KID of translated ``photos`` against the ``frames`` matching ``include``.
 
     The frames' and raw photos' Inception features are computed once; each checkpoint only
-    translates and scores. ``--eval-max-images`` keeps evenly spaced images so every film stays
+    translates and scores. ``max_images`` keeps evenly spaced images so every film stays
     represented.
     """
     from ..data.datasets import select_images
@@ -113,18 +121,15 @@ def _make_evaluator(args: argparse.Namespace):
             return paths
         return [paths[round(i * (len(paths) - 1) / max(1, n - 1))] for i in range(n)]
 
-    photos = [load_image(p) for p in spaced(select_images([args.eval_photos]), args.eval_max_images)]
-    frames = [
-        load_image(p)
-        for p in spaced(select_images([args.eval_frames], include=args.eval_include), args.eval_max_images)
-    ]
-    evaluator = TranslationEvaluator(photos, frames, size=args.eval_size)
+    photo_images = [load_image(p) for p in spaced(select_images([photos]), max_images)]
+    frame_images = [load_image(p) for p in spaced(select_images([frames], include=include), max_images)]
+    evaluator = TranslationEvaluator(photo_images, frame_images, size=size)
 
     def evaluate(G) -> dict:
         result = evaluator(Stylizer(G, precision="fp32").stylize_images)
         model, identity = result["model"], result["identity"]
         return {
-            "fid": model["fid"], "kid_x1000": model["kid_x1000"],
+            "fid": model["fid"], "kid_x1000": model["kid_x1000"], "kid_std_x1000": model["kid_std_x1000"],
             "identity_fid": identity["fid"], "identity_kid_x1000": identity["kid_x1000"],
         }
 
@@ -135,15 +140,18 @@ def _add(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="trainer", metavar="TRAINER", required=True)
     _add_cyclegan(sub.add_parser("cyclegan", help="unpaired photo -> Ghibli translator (CycleGAN)"))
     add_style_parser(sub.add_parser("style", help="fast feed-forward style network (Johnson et al.), for video"))
+    add_distill_parser(sub.add_parser("distill", help="fast student generator from a teacher model and real Ghibli frames"))
     add_stylegan_parser(sub.add_parser("stylegan", help="StyleGAN2 generator for the latent-space tools (ADA augmentation)"))
 
 
-@command("train", "train a model (cyclegan, style, stylegan)", _add)
+@command("train", "train a model (cyclegan, distill, style, stylegan)", _add)
 def run(args: argparse.Namespace) -> int:
     if args.trainer == "cyclegan":
         return _run_cyclegan(args)
     if args.trainer == "style":
         return run_style(args)
+    if args.trainer == "distill":
+        return run_distill(args)
     if args.trainer == "stylegan":
         return run_stylegan(args)
     raise ValueError(f"unknown trainer {args.trainer!r}")
