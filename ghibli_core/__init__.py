@@ -78,6 +78,9 @@ _EXPORTS = {
     "to_tensor": "ghibli_core.imaging",
     "to_pil": "ghibli_core.imaging",
     "Stylizer": "ghibli_core.stylize",
+    # the GPU path: Stable Diffusion img2img (diffusers, imported on first load)
+    "DiffusionStylizer": "ghibli_core.diffusion",
+    "load_diffusion": "ghibli_core.diffusion",
     # evaluation
     "InceptionFeatures": "ghibli_core.metrics",
     "TranslationEvaluator": "ghibli_core.metrics",

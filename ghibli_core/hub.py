@@ -30,7 +30,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from huggingface_hub import (
@@ -71,6 +71,22 @@ DEFAULT_REVISION = "main"
 # What a Hub download may fetch: exactly these names. Everything else in a repo stays there.
 HUB_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+@dataclass(frozen=True)
+class RepoFiles:
+    """Which files of a Hub repo a download fetches (huggingface_hub's fnmatch patterns, where
+    ``*`` also matches ``/``), and what to tell a user who has no copy of them.
+
+    ``pull_command``: the command that caches them on a machine with network, ``{spec}`` filled in.
+    """
+
+    allow: tuple[str, ...]
+    ignore: tuple[str, ...] = ()
+    pull_command: str = "python -m ghibli_core pull {spec}"
+
+
+CHECKPOINT_FILES = RepoFiles(HUB_FILES)
 
 ACCEPTED_FORMS = (
     "an embedded model name (a folder under weights/), a path to an existing checkpoint folder, "
@@ -231,12 +247,12 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
 
 
-def _not_available(spec: ModelSpec, reason: str, cache_dir: Path) -> ModelNotAvailable:
+def _not_available(spec: ModelSpec, reason: str, cache_dir: Path, files: RepoFiles = CHECKPOINT_FILES) -> ModelNotAvailable:
     where = f"{spec.location}@{spec.revision or DEFAULT_REVISION}"
     message = (
         f"model {where} is not available: {reason}, and the Hugging Face cache ({cache_dir}) holds no copy of it. "
         f"To fix: connect to the network (and unset HF_HUB_OFFLINE) and try again; or run "
-        f"`python -m ghibli_core pull {spec}` on a machine with network and copy its Hugging Face cache "
+        f"`{files.pull_command.format(spec=spec)}` on a machine with network and copy its Hugging Face cache "
         f"(HF_HOME, by default ~/.cache/huggingface) to this one; or use the embedded default model "
         f"'{DEFAULT_MODEL}'."
     )
@@ -256,9 +272,11 @@ def _unreachable_reason(exc: BaseException | None) -> str:
     return f"the Hub at {constants.ENDPOINT} could not be reached"
 
 
-def _cached_snapshot(spec: ModelSpec, revision: str, cache: Path, token: str | bool | None) -> Path | None:
+def _cached_snapshot(
+    spec: ModelSpec, revision: str, cache: Path, token: str | bool | None, files: RepoFiles = CHECKPOINT_FILES
+) -> Path | None:
     try:
-        return _snapshot(spec, revision, cache=cache, local_only=True, token=token)
+        return _snapshot(spec, revision, cache=cache, local_only=True, token=token, files=files)
     except LocalEntryNotFoundError:
         return None
 
@@ -284,14 +302,23 @@ def _write_ref(cache: Path, repo_id: str, revision: str, sha: str) -> None:
         pass
 
 
-def _snapshot(spec: ModelSpec, revision: str, *, cache: Path, local_only: bool, token: str | bool | None) -> Path:
+def _snapshot(
+    spec: ModelSpec,
+    revision: str,
+    *,
+    cache: Path,
+    local_only: bool,
+    token: str | bool | None,
+    files: RepoFiles = CHECKPOINT_FILES,
+) -> Path:
     return Path(
         snapshot_download(
             spec.location,
             repo_type="model",
             revision=revision,
             cache_dir=cache,
-            allow_patterns=list(HUB_FILES),
+            allow_patterns=list(files.allow),
+            ignore_patterns=list(files.ignore) or None,
             local_files_only=local_only,
             token=token,
             library_name="ghibli-studio",
@@ -299,7 +326,16 @@ def _snapshot(spec: ModelSpec, revision: str, *, cache: Path, local_only: bool, 
     )
 
 
-def _download(spec: ModelSpec, *, cache_dir: str | Path | None, offline: bool | None, token: str | bool | None) -> Path:
+def _download(
+    spec: ModelSpec,
+    *,
+    cache_dir: str | Path | None,
+    offline: bool | None,
+    token: str | bool | None,
+    files: RepoFiles = CHECKPOINT_FILES,
+    check: Callable[[ModelSpec, Path, str, Path], Path] | None = None,
+) -> Path:
+    check = check or _checked_download
     revision = spec.revision or DEFAULT_REVISION
     where = f"Hub repo {spec.location} at revision {revision!r}"
     cache = _cache_dir(cache_dir)
@@ -307,14 +343,14 @@ def _download(spec: ModelSpec, *, cache_dir: str | Path | None, offline: bool | 
 
     def from_cache(reason: str, error: BaseException | None) -> Path:
         try:
-            return _snapshot(spec, revision, cache=cache, local_only=True, token=token)
+            return _snapshot(spec, revision, cache=cache, local_only=True, token=token, files=files)
         except LocalEntryNotFoundError as exc:  # also a partial (incomplete) snapshot
-            raise _not_available(spec, reason, cache) from (error or exc)
+            raise _not_available(spec, reason, cache, files) from (error or exc)
 
     if offline:
         reason = "offline mode is on (HF_HUB_OFFLINE=1)" if _env_offline() else "offline mode was requested"
         folder = from_cache(reason, None)
-    elif REGEX_COMMIT_HASH.fullmatch(revision) and (cached := _cached_snapshot(spec, revision, cache, token)):
+    elif REGEX_COMMIT_HASH.fullmatch(revision) and (cached := _cached_snapshot(spec, revision, cache, token, files)):
         # a full commit sha names immutable files: a cached copy is the answer, no need to ask
         folder = cached
     else:
@@ -343,16 +379,16 @@ def _download(spec: ModelSpec, *, cache_dir: str | Path | None, offline: bool | 
             # 2. download that exact commit (config, weights, card only)
             pinned = ResolvedRevision(resolved=sha, initial=revision, repo_id=spec.location, repo_type="model")
             try:
-                folder = _snapshot(spec, pinned, cache=cache, local_only=False, token=token)
+                folder = _snapshot(spec, pinned, cache=cache, local_only=False, token=token, files=files)
             except (_httpx.TransportError, LocalEntryNotFoundError) as exc:
                 # the Hub went away mid-download: the copy the branch pointed to before, if any
-                return _checked_download(spec, from_cache(_unreachable_reason(exc), exc), where, cache)
+                return check(spec, from_cache(_unreachable_reason(exc), exc), where, cache)
             except HfHubHTTPError as exc:
                 raise HubError(f"{where}: downloading commit {sha} failed: {exc}") from exc
             # 3. only a complete download moves the branch -> sha ref that offline calls follow
             if sha != revision:
                 _write_ref(cache, spec.location, revision, sha)
-    return _checked_download(spec, folder, where, cache)
+    return check(spec, folder, where, cache)
 
 
 def _checked_download(spec: ModelSpec, folder: Path, where: str, cache: Path) -> Path:
@@ -369,6 +405,29 @@ def _checked_download(spec: ModelSpec, folder: Path, where: str, cache: Path) ->
         listing = f" (it holds: {', '.join(files)})" if files is not None else ""
         raise CheckpointError(f"{what} is not a ghibli-studio checkpoint: it has no {WEIGHTS_NAME}{listing}")
     return check_checkpoint_folder(folder, what=what)
+
+
+def download_repo(
+    spec: str | ModelSpec,
+    files: RepoFiles,
+    check: Callable[[ModelSpec, Path, str, Path], Path],
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    offline: bool | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """The snapshot folder of a Hub repo holding ``files``, by the rules :func:`resolve` follows
+    for checkpoints (pinned commit, the cache offline or when the Hub is down, the same errors).
+
+    ``spec`` must name a Hub repo (``owner/name[@revision]``). ``check(spec, folder, where,
+    cache)`` vets what arrived and returns the folder (``where`` names repo and revision for
+    messages); it runs on cached copies too.
+    """
+    parsed = parse_spec(spec, revision, weights_dir=Path("/nonexistent"))
+    if parsed.kind != "hub":
+        raise ValueError(f"{spec!r} is a local folder, not a Hub repo")
+    return _download(parsed, cache_dir=cache_dir, offline=offline, token=token, files=files, check=check)
 
 
 def default_video_model(weights_dir: str | Path = WEIGHTS_DIR) -> str:
