@@ -509,3 +509,51 @@ def test_gpu_task_uses_spaces_when_installed(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=GPU))
     assert gpu_task(duration=30)(work)(1) == ("on a GPU", 2) and seen == {"duration": 30}
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+def test_cli_stylize_with_a_diffusion_model(served, tmp_path, capsys):
+    from ghibli_core.cli import main as cli_main
+
+    server, shas, _ = served
+    (tmp_path / "in").mkdir()
+    photo((37, 53)).save(tmp_path / "in" / "a.png")
+    photo((53, 37), seed=1).save(tmp_path / "in" / "b.png")
+    model = f"diffusion:{REPO}@{shas[REPO]}"
+    code = cli_main([
+        "stylize", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", model,
+        "--diffusion-steps", "4", "--diffusion-strength", "0.5", "--seed", "3", "--prompt", "ghibli style, a meadow",
+        "--structure-model", f"{CONTROLNET_REPO}@{shas[CONTROLNET_REPO]}",
+        "--lora", f"{LORA_REPO}@{shas[LORA_REPO]}", "--lora-weight", "0.5",
+    ])
+    assert code == 0
+    assert Image.open(tmp_path / "out" / "a.png").size == (37, 53)
+    assert Image.open(tmp_path / "out" / "b.png").size == (53, 37)
+    err = capsys.readouterr().err
+    assert f"model {REPO}@{shas[REPO]}" in err and f"controlnet {CONTROLNET_REPO}@" in err  # commits to pin
+    # the library's picture, and --strength blends it with the photo as for every model
+    expected = load_diffusion(model, steps=4, strength=0.5, seed=3)(photo((37, 53)))
+    assert cli_main(["stylize", str(tmp_path / "in" / "a.png"), "-o", str(tmp_path / "one.png"), "--model", model,
+                     "--diffusion-steps", "4", "--diffusion-strength", "0.5", "--seed", "3"]) == 0
+    assert np.array_equal(pixels(Image.open(tmp_path / "one.png")), pixels(expected))
+    assert cli_main(["stylize", str(tmp_path / "in" / "a.png"), "-o", str(tmp_path / "zero.png"), "--model", model,
+                     "--strength", "0"]) == 0
+    assert np.array_equal(pixels(Image.open(tmp_path / "zero.png")), pixels(photo((37, 53))))
+    capsys.readouterr()
+
+    assert cli_main(["stylize", str(tmp_path / "in" / "a.png"), "-o", str(tmp_path / "x.png"),
+                     "--model", f"diffusion:{REPO}@{'0' * 40}"]) == 2
+    assert f"{REPO} at revision '{'0' * 40}'" in capsys.readouterr().err  # a clean message, no traceback
+    assert cli_main(["stylize", str(tmp_path / "in" / "a.png"), "-o", str(tmp_path / "x.png"), "--prompt", "x",
+                     "--seed", "1"]) == 2
+    assert "--prompt, --seed only apply to diffusion models" in capsys.readouterr().err
+
+
+def test_pull_caches_a_diffusion_model(fresh_hub, capsys):
+    from ghibli_core.cli import main as cli_main
+
+    assert cli_main(["pull", f"diffusion:{REPO}@{fresh_hub.shas[REPO]}"]) == 0
+    folder = Path(capsys.readouterr().out.strip())
+    assert (folder / "model_index.json").is_file()
+    fresh_hub.down()
+    assert resolve_pipeline(f"{REPO}@{fresh_hub.shas[REPO]}") == folder

@@ -33,17 +33,23 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def _pull_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", help="model spec: OWNER/NAME[@REVISION] (or an embedded name / local folder, just checked)")
+    p.add_argument("spec", help="model spec: OWNER/NAME[@REVISION] (or an embedded name / local folder, just checked), "
+                   "or diffusion:OWNER/NAME[@REVISION] for a Stable Diffusion pipeline")
     p.add_argument("--revision", metavar="REV", help="branch, tag or commit sha (alternative to @REVISION)")
 
 
 @command(
     "pull",
-    "download a Hub checkpoint (config, safetensors, card only) into the Hugging Face cache and print its folder",
+    "download a Hub checkpoint or diffusion pipeline (configs, safetensors, card only) into the Hugging Face cache "
+    "and print its folder",
     _pull_arguments,
 )
 def run_pull(args: argparse.Namespace) -> int:
+    from ..diffusion import is_diffusion_spec, resolve_pipeline
     from ..hub import resolve
 
-    print(resolve(args.spec, revision=args.revision))
+    if is_diffusion_spec(args.spec):
+        print(resolve_pipeline(args.spec, revision=args.revision))
+    else:
+        print(resolve(args.spec, revision=args.revision))
     return 0

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import command
+from . import command, stylize_diffusion
 
 # Output formats by file extension, with the Pillow options used to write them.
 _FORMATS: dict[str, tuple[str, dict]] = {
@@ -61,7 +61,7 @@ def _unit_float(text: str) -> float:
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", type=Path, metavar="PHOTO_OR_DIR", help="image files and/or folders (searched recursively)")
     p.add_argument("-o", "--out", required=True, type=Path, help="output file (one input file, with an image extension) or folder")
-    p.add_argument("--model", default=None, help="model spec: a weights/ name, a local folder or a Hub repo owner/name (default: the embedded default model)")
+    p.add_argument("--model", default=None, help="model spec: a weights/ name, a local folder or a Hub repo owner/name, or diffusion:REPO[@REV] for a Stable Diffusion model (default: the embedded default model)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub model")
     p.add_argument("--max-side", type=_positive_int, default=None, metavar="N", help="downscale inputs so the longer side is at most N pixels (outputs have that size); default: full size")
     p.add_argument("--strength", type=_unit_float, default=1.0, help="blend with the original: 0 = the photo, 1 = fully stylized (default 1)")
@@ -69,6 +69,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="compute precision (default auto: the fastest one the device runs accurately)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist (default: skip them)")
+    stylize_diffusion.add_arguments(p)
 
 
 # -- planning ---------------------------------------------------------------------------------
@@ -142,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from ..diffusion import is_diffusion_spec
     from ..hub import DEFAULT_MODEL, load
     from ..imaging import MIN_SIDE, ImageLoadError, load_image
     from ..stylize import Stylizer
@@ -163,8 +165,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     # 2. one model, one engine for the whole batch
-    model = load(args.model or DEFAULT_MODEL, revision=args.revision, map_location="cpu")
-    stylizer = Stylizer(model, device=str(device), precision=args.precision)
+    if is_diffusion_spec(args.model):
+        stylizer = stylize_diffusion.make_stylizer(args, device)
+    else:
+        stylize_diffusion.check_unused(args)
+        model = load(args.model or DEFAULT_MODEL, revision=args.revision, map_location="cpu")
+        stylizer = Stylizer(model, device=str(device), precision=args.precision)
 
     # 3. images one at a time: sizes differ, and the engine tiles and batches inside an image
     failed: list[str] = []
