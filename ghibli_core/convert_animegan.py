@@ -285,6 +285,17 @@ def _lade_eps(graph: TFLiteGraph) -> float:
     return values.pop()
 
 
+def _attention_eps(graph: TFLiteGraph) -> float | str:
+    """The scalar the attention adds to its sum over memory slots (``ADD(SUM, eps)``)."""
+    for op in graph.ops:
+        if op.kind == "ADD" and len(op.inputs) == 2:
+            for a, b in (op.inputs, op.inputs[::-1]):
+                producer, value = graph.producer(a), graph.constant(b)
+                if producer is not None and producer.kind == "SUM" and value is not None and value.size == 1:
+                    return float(value.reshape(()))
+    return "nothing"
+
+
 def convert_animeganv3(graph: TFLiteGraph) -> tuple[AnimeGANv3Generator, dict]:
     """Build the :class:`AnimeGANv3Generator` holding ``graph``'s weights (strict: every convolution used)."""
     height, width_px = _check_graph(graph)
@@ -326,48 +337,54 @@ def convert_animeganv3(graph: TFLiteGraph) -> tuple[AnimeGANv3Generator, dict]:
     state: dict[str, Tensor] = {}
     for ours, (w, stride) in weights.items():
         if ours in ("attention.memory", MEMORY_T):
-            if w.shape[1:3] != (1, 1):
-                raise CheckpointError(f"attention memory {ours!r} should be a 1x1 convolution, got shape {w.shape}")
-            value = torch.from_numpy(np.ascontiguousarray(w[:, 0, 0, :]))
-            if ours == MEMORY_T:
-                continue
-            expected_stride = (1, 1)
-        else:
-            value = torch.from_numpy(np.ascontiguousarray(w.transpose(0, 3, 1, 2)))
-            expected_stride = modules[ours.removesuffix(".weight")].stride
+            if w.shape[1:3] != (1, 1) or tuple(stride) != (1, 1):
+                raise CheckpointError(f"attention memory {ours!r} should be a 1x1 stride-1 convolution, got {w.shape}")
+            continue
+        value = torch.from_numpy(np.ascontiguousarray(w.transpose(0, 3, 1, 2)))
         if tuple(value.shape) != tuple(own[ours].shape):
             raise CheckpointError(
                 f"{ours}: the file's tensor has shape {tuple(value.shape)} in our layout, the network expects "
                 f"{tuple(own[ours].shape)}"
             )
+        expected_stride = modules[ours.removesuffix(".weight")].stride
         if tuple(stride) != tuple(expected_stride):
             raise CheckpointError(
                 f"{ours}: the file's convolution has stride {stride}, AnimeGANv3's has {expected_stride}"
             )
         state[ours] = value
-    key_memory = state["attention.memory"]
+    # the key memory conv1d is (slots, 1, 1, C); the value memory conv1d_1 must be its transpose
+    key_memory = torch.from_numpy(np.ascontiguousarray(weights["attention.memory"][0][:, 0, 0, :]))
     value_memory = torch.from_numpy(np.ascontiguousarray(weights[MEMORY_T][0][:, 0, 0, :]))
+    if key_memory.shape != own["attention.memory"].shape:
+        raise CheckpointError(
+            f"attention.memory: the file's key memory has shape {tuple(key_memory.shape)}, the network expects "
+            f"{tuple(own['attention.memory'].shape)}"
+        )
     if value_memory.shape != key_memory.t().shape or not torch.equal(value_memory, key_memory.t()):
         raise CheckpointError(
             "the attention's value memory (conv1d_1) is not the transpose of its key memory (conv1d): "
             "this module ties them"
         )
+    state["attention.memory"] = key_memory
     missing = sorted(set(own) - set(state))
     if missing:
         raise CheckpointError(f"tensors of the network not found in the file: {', '.join(missing[:5])}")
     model.load_state_dict(state, strict=True)
     model.eval()
+    fp16 = sum(graph.tensors[op.inputs[1]].data is None for op in convs)  # the others are float32 constants
     notes = [
-        "weights stored as fp16 in the file (DEQUANTIZE), widened exactly to float32",
+        "weights stored as fp16 in the file (DEQUANTIZE), widened exactly to float32" if fp16 == len(convs)
+        else f"{fp16} of {len(convs)} convolution weights stored as fp16 in the file, the others as float32",
         f"the file's fixed {height}x{width_px} input is not part of the network: any size with sides that are "
         "multiples of 8 runs",
         "the attention's key and value memories are one matrix in the file (conv1d_1 = conv1d transposed): stored once",
-        "the file's softmax renormalisation epsilon (0 in fp16) is not needed: the module renormalises with a softmax",
+        "the attention's renormalisation over memory slots is computed as a softmax, which needs no epsilon "
+        f"(the file adds {_attention_eps(graph)} to the sum it divides by)",
     ]
     if file_eps <= 0:
         notes.append(
-            f"the file's LADE epsilon is {file_eps} (the original's value is below fp16's range): "
-            f"eps={FALLBACK_EPS:g} keeps a flat image finite instead of NaN"
+            f"the file's LADE epsilon is {file_eps} (stored as fp16), with which a flat image gives NaN: "
+            f"eps={FALLBACK_EPS:g} keeps it finite"
         )
     report = {
         "arch": "animeganv3",

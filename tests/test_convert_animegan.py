@@ -113,6 +113,12 @@ def test_generator_checks_its_input_and_config():
         AnimeGANv3Generator(width=0)
 
 
+def test_a_flat_image_stays_finite():
+    # zero variance everywhere: with the file's epsilon of 0, LADE would divide 0 by 0
+    with torch.no_grad():
+        assert torch.isfinite(seeded_generator(width=4, slots=8)(torch.full((1, 3, 16, 16), 0.3))).all()
+
+
 # -- synthetic TFLite files ---------------------------------------------------------------------
 class GraphWriter:
     """Builds a TFLite flatbuffer: constants, operators in order, one input and one output."""

@@ -160,8 +160,8 @@ class AnimeGANv3Generator(HubModel):
     Args:
         width: channels at full resolution (32 in the release); 2x at 1/2, 4x at 1/4 and 1/8.
         slots: rows of the external-attention memory (128 in the release).
-        eps: added to every variance in LADE. The release's fp16 file stores 0 (its original
-            value is below fp16's range); a small positive value keeps a flat image finite.
+        eps: added to every variance in LADE. The release's file stores 0 (as fp16), with which
+            a flat image (zero variance) gives NaN; a tiny positive value keeps it finite.
     """
 
     stride = 8
