@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ghibli_core import hub
+from ghibli_core import app_diffusion, hub
 from ghibli_core.imaging import (
     DEFAULT_MAX_PIXELS, MIN_SIDE, ImageLoadError, center_crop_resize, load_image, to_tensor, to_uint8,
 )
@@ -328,6 +328,7 @@ class AppContext:
     heavy_concurrency: int = 1
     video_limits: VideoLimits = field(default_factory=lambda: VIDEO_LIMITS)
     vgg: str | None = None  # VGG weights (file or Hub repo) for the projection's perceptual distance
+    diffusion: Any = None  # app_diffusion.DiffusionService where the photo tab offers a diffusion model
     _perceptual: Any = field(default=None, repr=False)
     _perceptual_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -480,6 +481,13 @@ def photo_tab(ctx: AppContext) -> None:
                 cache_examples=False,
                 label="Examples (synthetic scenes)",
                 api_name="photo_example",
+            )
+
+        if ctx.diffusion is not None:
+            app_diffusion.diffusion_section(
+                ctx, photo=photo, outputs=[result, download, notice, card], uploaded_path=_uploaded_path,
+                number=_number, error=user_error, safe_stem=_safe_stem,
+                strip_card=lambda text: _FRONT_MATTER_RE.sub("", text, count=1).strip(),
             )
 
         button.click(
@@ -1114,6 +1122,7 @@ def build_app(
     default_video_model: str | None = None,
     vgg: str | None = None,
     cache_s: int = CACHE_S,
+    diffusion: bool | None = None,
 ) -> gr.Blocks:
     """Build the app (no model is loaded until a request needs it).
 
@@ -1137,6 +1146,9 @@ def build_app(
             ``$GHIBLI_VGG``; without one the projection fits pixels only.
         cache_s: every ``cache_s`` seconds Gradio deletes the uploads and results it holds that
             are older than ``cache_s`` (so a file lives between one and two periods).
+        diffusion: offer a Stable Diffusion model in the photo tab (see ``ghibli_core.app_diffusion``);
+            default ``$GHIBLI_DIFFUSION``, else only where CUDA is available. Nothing is loaded
+            until it is used.
     """
     if heavy_concurrency < 1:
         raise ValueError(f"heavy_concurrency must be at least 1, got {heavy_concurrency}")
@@ -1160,6 +1172,8 @@ def build_app(
         heavy_concurrency=heavy_concurrency,
         video_limits=video_limits or VIDEO_LIMITS,
         vgg=vgg or os.environ.get("GHIBLI_VGG") or None,
+        diffusion=app_diffusion.DiffusionService(device=models.device, precision=precision)
+        if app_diffusion.wanted(diffusion) else None,
     )
     # analytics off: the app promises to run with no network, and never calls home
     with gr.Blocks(title="Ghibli Studio", analytics_enabled=False, delete_cache=(cache_s, cache_s)) as demo:
@@ -1265,6 +1279,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--video-model", default=None, help="embedded model the video tab selects at start (default ghibli-video-fast, else --model)")
     parser.add_argument("--gan", default=None, help="embedded StyleGAN2 model of the latent-space tabs (default ghibli-stylegan2)")
     parser.add_argument("--vgg", default=None, help="VGG weights for the projection's perceptual distance (default $GHIBLI_VGG)")
+    parser.add_argument("--diffusion", action=argparse.BooleanOptionalAction, default=None,
+                        help="offer a Stable Diffusion model in the photo tab (default $GHIBLI_DIFFUSION, else only with CUDA)")
     return parser
 
 
@@ -1282,6 +1298,7 @@ def main(argv: list[str] | None = None) -> None:
         default_gan=args.gan,
         default_video_model=args.video_model,
         vgg=args.vgg,
+        diffusion=args.diffusion,
     )
     launch(demo, host=args.host, port=args.port, share=args.share)
 

@@ -557,3 +557,74 @@ def test_pull_caches_a_diffusion_model(fresh_hub, capsys):
     assert (folder / "model_index.json").is_file()
     fresh_hub.down()
     assert resolve_pipeline(f"{REPO}@{fresh_hub.shas[REPO]}") == folder
+
+
+# -- the app -------------------------------------------------------------------------------------
+def test_app_offers_diffusion_where_asked_or_on_a_gpu(monkeypatch):
+    from ghibli_core.app_diffusion import wanted
+
+    assert wanted(True, {}) and not wanted(False, {"GHIBLI_DIFFUSION": "1"})
+    assert wanted(None, {"GHIBLI_DIFFUSION": "1"}) and not wanted(None, {"GHIBLI_DIFFUSION": "0"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert wanted(None, {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not wanted(None, {})
+
+
+def test_app_event_through_gradio_client(served, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    import app
+    from test_app import launch_on_loopback
+
+    server, shas, _ = served
+    demo = app.build_app(device="cpu", diffusion=True, examples_dir=tmp_path)
+    service = demo.ghibli_context.diffusion
+    assert service is not None and service.loaded == []  # nothing is built until asked for
+    assert service.limits.max_steps == 20  # capped on a CPU
+    service.controlnet = f"{CONTROLNET_REPO}@{shas[CONTROLNET_REPO]}"
+    launch_on_loopback(demo)
+    try:
+        client = Client(demo.local_url, verbose=False, download_files=str(tmp_path / "dl"), analytics_enabled=False,
+                        httpx_kwargs={"timeout": 300})
+        src = tmp_path / "portrait.png"
+        photo((37, 53)).save(src)
+        args = dict(photo=handle_file(str(src)), repo=f"{REPO}@{shas[REPO]}", prompt="ghibli style", negative_prompt="",
+                    strength=0.5, steps=4, guidance=7.0, seed=1, structure=False, lora="", lora_weight=1.0)
+
+        def stylize(**changes):
+            result, download, notice, card = client.predict(*{**args, **changes}.values(), api_name="/stylize_diffusion")
+            return Image.open(result), download, notice, card
+
+        first, download, notice, card = stylize()
+        assert first.size == (37, 53)
+        assert download.endswith("portrait_ghibli.png")
+        assert "Tiny SD" in card and "license:" not in card
+        assert "CPU" in notice and f"{REPO}@{shas[REPO]}" in notice  # the cost, said plainly, and the commit
+        assert np.array_equal(pixels(stylize()[0]), pixels(first))  # same seed, same picture
+        assert len(service.loaded) == 1
+        shaped = stylize(structure=True)[0]
+        assert shaped.size == (37, 53) and not np.array_equal(pixels(shaped), pixels(first))
+        with_lora = stylize(lora=f"{LORA_REPO}@{shas[LORA_REPO]}")[0]
+        assert not np.array_equal(pixels(with_lora), pixels(first))
+        assert np.array_equal(pixels(stylize()[0]), pixels(first))  # the LoRA is gone again
+        assert len(service.loaded) == 1
+
+        for changes, match in [
+            (dict(steps=500), "steps must be between 1 and 20"),
+            (dict(repo="../../etc"), "owner/name"),
+            (dict(lora="/etc"), "owner/name"),
+            (dict(seed=-3), "seed must be between"),
+            (dict(repo="tester/pickled-sd"), "only pickled weights"),
+            (dict(repo=f"{REPO}@{'0' * 40}"), "does not exist"),
+        ]:
+            with pytest.raises(AppError, match=match):
+                stylize(**changes)
+        bad = tmp_path / "holiday.png"
+        bad.write_text("not a photo")
+        with pytest.raises(AppError, match="holiday.png") as info:
+            stylize(photo=handle_file(str(bad)))
+        assert str(tmp_path) not in str(info.value)
+    finally:
+        demo.close()
