@@ -71,3 +71,37 @@ def test_cyclegan_trains_a_few_steps_with_mixed_precision(tmp_path):
     generator = train_cyclegan(_cfg((a, b.parent), tmp_path / "run", mixed_precision="auto"), progress=False)
     weights = load_file(str(generator / "model.safetensors"))
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_diffusion_in_half_precision_and_offloaded(tmp_path):
+    """The diffusion stylizer on CUDA: float16 by default, close to float32 on the CPU; model
+    offloading (small GPUs) gives the same pictures and leaves the models on the CPU between
+    calls; the ControlNet path runs offloaded too."""
+    pytest.importorskip("diffusers")
+    from test_diffusion import build_tiny_repos, photo
+
+    from ghibli_core.diffusion import DiffusionStylizer, load_controlnet, load_pipeline
+
+    repos = build_tiny_repos(tmp_path)
+    settings = dict(steps=4, strength=0.5, seed=3)
+    img = photo((37, 53))
+    exact = DiffusionStylizer(load_pipeline(repos.pipeline), device="cpu", **settings)(img)
+
+    half = DiffusionStylizer(load_pipeline(repos.pipeline, dtype=torch.float16), device="cuda", **settings)
+    assert half.dtype == torch.float16 and not half.offloaded
+    assert half._pipe.unet.dtype == torch.float16 and half._pipe.unet.device.type == "cuda"
+    out = half(img)
+    assert out.size == img.size
+    assert np.array_equal(np.asarray(half(img)), np.asarray(out))  # same seed, same picture
+    assert psnr(np.asarray(out), np.asarray(exact)) >= 25.0  # random tiny weights: a loose bar
+    torch.cuda.reset_peak_memory_stats()
+
+    offloaded = DiffusionStylizer(
+        load_pipeline(repos.pipeline, dtype=torch.float16), controlnet=load_controlnet(repos.controlnet),
+        device="cuda", offload="model", structure=False, **settings,
+    )
+    assert offloaded.offloaded
+    moved = offloaded(img)
+    assert psnr(np.asarray(moved), np.asarray(out)) >= 40.0
+    assert offloaded._pipe.unet.device.type == "cpu"  # back on the CPU after the call
+    assert offloaded(img, structure=True).size == img.size
