@@ -11,6 +11,7 @@ from .cyclegan import (
     shared_statistics,
 )
 from .perceptual import VGGFeatures, gram_matrix, load_vgg
+from .projected import EfficientNetLite, ProjectedDiscriminator
 from .style_net import PRESETS as STYLE_NET_PRESETS, StyleNet, init_style_net
 from .stylegan import StyleGAN2Discriminator, StyleGAN2Generator
 
@@ -22,6 +23,8 @@ __all__ = [
     "HubModel",
     "InstanceNorm",
     "PatchDiscriminator",
+    "EfficientNetLite",
+    "ProjectedDiscriminator",
     "ResnetGenerator",
     "UnetGenerator",
     "init_weights",
