@@ -17,7 +17,8 @@ from pathlib import Path
 
 
 def add_distill_parser(p: argparse.ArgumentParser) -> None:
-    from ..training.distill import DISCRIMINATORS, DistillConfig
+    from ..models.style_net import PRESETS as STYLE_NET_PRESETS
+    from ..training.distill import DISCRIMINATORS, STUDENTS, DistillConfig
 
     d = {
         f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -41,8 +42,13 @@ def add_distill_parser(p: argparse.ArgumentParser) -> None:
                    help="where the teacher's outputs are cached (default OUT/teacher_cache); reuse it across runs")
     p.add_argument("--init", default=None, metavar="SPEC", help="start the student from this generator (same architecture)")
     g = p.add_argument_group("networks")
-    g.add_argument("--width", type=int, default=d["width"])
-    g.add_argument("--n-blocks", type=int, default=d["n_blocks"])
+    g.add_argument("--student", choices=STUDENTS, default=d["student"],
+                   help="resnet: the photo generator (width, n-blocks, upsample); style-net: the fast video network "
+                        "(width, n-blocks, kernel, shuffle; --preset sets them)")
+    g.add_argument("--preset", choices=sorted(STYLE_NET_PRESETS), default=None,
+                   help="with --student style-net: a named size (fast: the video default's)")
+    g.add_argument("--width", type=int, default=None, help=f"default {d['width']} (or the preset's)")
+    g.add_argument("--n-blocks", type=int, default=None, help=f"default {d['n_blocks']} (or the preset's)")
     g.add_argument("--upsample", choices=["resize", "transpose"], default=d["upsample"])
     g.add_argument("--discriminator", choices=DISCRIMINATORS, default=d["discriminator"],
                    help="vgg: heads on frozen VGG features (default); patch: 70x70 PatchGAN on pixels")
@@ -96,8 +102,15 @@ def run_distill(args: argparse.Namespace) -> int:
     from ..stylize import Stylizer
     from ..training.distill import DistillConfig, train_distill
 
+    from ..models.style_net import PRESETS
+
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
-    cfg = DistillConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if args.preset is not None:
+        if args.student != "style-net":
+            raise ValueError("--preset names a style-net size: use it with --student style-net")
+        values = {**PRESETS[args.preset], **values}
+    cfg = DistillConfig(**values)
     vgg = load_vgg(args.vgg)
     teacher = Stylizer(load(args.teacher), precision="fp32")
     init = load(args.init) if args.init else None

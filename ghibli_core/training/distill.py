@@ -11,8 +11,9 @@ generator learns from:
   person sees (colour shifts, artefacts at frame edges) and copying it caps the student near
   it; the discriminator sees only real frames as "real". Two discriminators are offered:
   ``"vgg"`` (light heads on the frozen VGG's relu1_1 / relu2_1 / relu3_1 features, in the spirit
-  of projected / vision-aided GANs, which learn from few images fast) and ``"patch"`` (the
-  70x70 PatchGAN on pixels). Hinge loss; DiffAugment translation + cutout on both sides;
+  of projected / vision-aided GANs, which learn from few images fast; it reads the features
+  of the student's perceptual-loss pass, unaugmented) and ``"patch"`` (the 70x70 PatchGAN on
+  pixels, through DiffAugment translation + cutout on both sides). Hinge loss;
 - optionally CartoonGAN's edge-smoothed negatives (``edge_weight``): real frames whose edges
   are blurred are shown to the discriminator as fakes, so crisp outlines count as the style;
 - optionally a low-frequency colour term to the *photo* (``photo_colour_weight``): chroma of
@@ -58,6 +59,7 @@ from ..data.datasets import ImageSet, StepBatches, mix_seed, resize_short_side, 
 from ..imaging import center_crop_resize, load_image, to_tensor
 from ..models.cyclegan import PatchDiscriminator, ResnetGenerator, init_weights
 from ..models.perceptual import VGGFeatures
+from ..models.style_net import StyleNet, init_style_net
 from .common import (
     EMA,
     JsonlLog,
@@ -75,7 +77,8 @@ from .common import (
     set_requires_grad,
 )
 
-ARCH_FIELDS = ("width", "n_blocks", "upsample", "discriminator", "disc_width")
+ARCH_FIELDS = ("student", "width", "n_blocks", "upsample", "kernel", "shuffle", "discriminator", "disc_width")
+STUDENTS = ("resnet", "style-net")
 DISCRIMINATORS = ("vgg", "patch")
 FEATURE_LAYERS = ("relu1_1", "relu2_1", "relu3_1")
 
@@ -103,10 +106,14 @@ class DistillConfig:
     frames_exclude: list[str] = field(default_factory=list)
     teacher_cache: str | None = None  # default OUT/teacher_cache
     init: str | None = None  # start the student from this model spec (same architecture)
-    # student
+    # student: "resnet" (the CycleGAN ResNet generator: width, n_blocks, upsample) or "style-net"
+    # (the fast video network: width, n_blocks, kernel, shuffle)
+    student: str = "resnet"
     width: int = 32
     n_blocks: int = 6
     upsample: str = "resize"
+    kernel: int = 9
+    shuffle: bool = False
     # discriminator
     discriminator: str = "vgg"
     disc_width: int = 64
@@ -141,6 +148,8 @@ class DistillConfig:
     num_previews: int = 4
 
     def __post_init__(self) -> None:
+        if self.student not in STUDENTS:
+            raise ValueError(f"student must be one of {STUDENTS}, got {self.student!r}")
         if self.discriminator not in DISCRIMINATORS:
             raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, got {self.discriminator!r}")
         if self.steps < 1 or self.batch_size < 1:
@@ -284,15 +293,28 @@ class VGGFeatureDiscriminator(nn.Module):
 
 
 class _Critic:
-    """Scores images with the configured discriminator: a list of logit maps."""
+    """Scores images with the configured discriminator: a list of logit maps.
 
-    def __init__(self, kind: str, disc: nn.Module, vgg: VGGFeatures):
-        self.kind, self.disc, self.vgg = kind, disc, vgg
+    The ``"vgg"`` discriminator reads VGG features that the caller passes in (the student's
+    come from its perceptual loss's pass, so the VGG runs once per image and step) and sees
+    them unaugmented; the ``"patch"`` one reads pixels through DiffAugment's translation and
+    cutout.
+    """
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def __init__(self, kind: str, disc: nn.Module, vgg: VGGFeatures, generator: torch.Generator):
+        self.kind, self.disc, self.vgg, self.generator = kind, disc, vgg, generator
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """What the discriminator reads of fixed images (real frames): no gradient."""
         if self.kind == "patch":
-            return [self.disc(x)]
-        return self.disc(self.vgg(x, FEATURE_LAYERS))
+            return None
+        with torch.no_grad():
+            return self.vgg(x, FEATURE_LAYERS)
+
+    def __call__(self, x: torch.Tensor, feats: dict[str, torch.Tensor] | None) -> list[torch.Tensor]:
+        if self.kind == "patch":
+            return [self.disc(_augment(x, self.generator))]
+        return self.disc({name: feats[name] for name in FEATURE_LAYERS})
 
 
 def _hinge_d(real: list[torch.Tensor], fake: list[torch.Tensor]) -> torch.Tensor:
@@ -349,6 +371,17 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return y * (~inside).unsqueeze(1).to(y.dtype)
 
 
+def build_student(cfg: DistillConfig) -> nn.Module:
+    """The freshly initialised student network ``cfg`` describes."""
+    if cfg.student == "style-net":
+        net = StyleNet(width=cfg.width, n_blocks=cfg.n_blocks, kernel=cfg.kernel, shuffle=cfg.shuffle)
+        init_style_net(net)
+        return net
+    net = ResnetGenerator(width=cfg.width, n_blocks=cfg.n_blocks, upsample=cfg.upsample)
+    init_weights(net)
+    return net
+
+
 # -- the trainer --------------------------------------------------------------------------------
 def train_distill(
     cfg: DistillConfig,
@@ -384,8 +417,7 @@ def train_distill(
     # 1. Build after set_seed, identically on every process.
     set_seed(cfg.seed)
     device = accelerator.device
-    G = ResnetGenerator(width=cfg.width, n_blocks=cfg.n_blocks, upsample=cfg.upsample)
-    init_weights(G)
+    G = build_student(cfg)
     if init is not None:
         G.load_state_dict(init.state_dict())
     D: nn.Module = VGGFeatureDiscriminator(width=cfg.disc_width) if cfg.discriminator == "vgg" else PatchDiscriminator(width=cfg.disc_width)
@@ -409,7 +441,8 @@ def train_distill(
         latest = load_latest_checkpoint(accelerator, ckpt_dir)
         if main:
             print(f"resumed from {latest} at step {state.step}")
-    critic = _Critic(cfg.discriminator, D, vgg)
+    critic = _Critic(cfg.discriminator, D, vgg, aug.generator)
+    fake_layers = list(dict.fromkeys(([cfg.vgg_layer] if cfg.vgg_weight > 0 else []) + list(FEATURE_LAYERS)))
 
     # 2. Data: teacher outputs once (cached), frames preloaded.
     photo_paths = select_images(cfg.photos, include=cfg.photos_include, exclude=cfg.photos_exclude)
@@ -445,16 +478,19 @@ def train_distill(
         adversarial = cfg.adv_weight > 0 and state.step >= cfg.adv_start
         with accelerator.autocast():
             fake = G(photo)
+            # one VGG pass over the student's output serves the perceptual loss and the discriminator
+            need_feats = cfg.vgg_weight > 0 or (adversarial and cfg.discriminator == "vgg")
+            f_fake = vgg(fake, fake_layers) if need_feats else {}
         losses: dict[str, torch.Tensor] = {}
         # 3. Discriminator: real frames against the student's (and edge-smoothed frames).
         if adversarial:
             set_requires_grad([D], True)
             with accelerator.autocast():
-                d_real = critic(_augment(real, aug.generator))
-                d_fake = critic(_augment(fake.detach(), aug.generator))
+                d_real = critic(real, critic.features(real))
+                d_fake = critic(fake.detach(), {k: v.detach() for k, v in f_fake.items()})
                 loss_d = _hinge_d(d_real, d_fake)
                 if cfg.edge_weight > 0:
-                    d_smooth = critic(_augment(smooth, aug.generator))
+                    d_smooth = critic(smooth, critic.features(smooth))
                     loss_d = loss_d + cfg.edge_weight * sum(F.relu(1 + m).mean() for m in d_smooth) / len(d_smooth)
             opt_d.zero_grad(set_to_none=True)
             accelerator.backward(loss_d)
@@ -471,9 +507,9 @@ def train_distill(
             if cfg.vgg_weight > 0:
                 with torch.no_grad():
                     f_target = vgg(target, [cfg.vgg_layer])[cfg.vgg_layer]
-                losses["vgg"] = F.l1_loss(vgg(fake, [cfg.vgg_layer])[cfg.vgg_layer].float(), f_target.float()) * cfg.vgg_weight
+                losses["vgg"] = F.l1_loss(f_fake[cfg.vgg_layer].float(), f_target.float()) * cfg.vgg_weight
             if adversarial:
-                losses["adv"] = -_mean_logit(critic(_augment(fake, aug.generator))) * cfg.adv_weight
+                losses["adv"] = -_mean_logit(critic(fake, f_fake)) * cfg.adv_weight
             if cfg.photo_colour_weight > 0:
                 losses["colour"] = F.l1_loss(_chroma(fake.float()), _chroma(photo.float())) * cfg.photo_colour_weight
             loss_g = sum(v for k, v in losses.items() if k not in ("d", "d_real", "d_fake"))
