@@ -166,7 +166,7 @@ class Models:
             for name in self.embedded(kind):
                 figures = self.figures(name)
                 if figures.get("kid_x1000", 0.0) > hub.KID_BAR_X1000:
-                    below.append(f"**{name}** {_kid_text(figures)}")
+                    below.append(f"`{name}` {_kid_text(figures)}")
         if not below:
             return ""
         return (
@@ -532,7 +532,8 @@ def video_tab(ctx: AppContext) -> None:
                 raise UserError(f"resolution must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
             stability = _number(stability, "stability", lo=0.0, hi=1.0)
             start = 0.0 if start in (None, "") else _number(start, "start", lo=0.0, hi=1e7)
-            end = None if end in (None, "", 0) else _number(end, "end", lo=0.0, hi=1e7)
+            # empty, None, or 0 (the number box this replaced sent 0) mean "to the end"
+            end = None if end is None or not str(end).strip() else (_number(str(end).strip(), "end", lo=0.0, hi=1e7) or None)
             if side_by_side not in (None, True, False):
                 raise UserError(f"side by side must be true or false, got {side_by_side!r}")
             side_by_side = bool(side_by_side)
@@ -609,7 +610,8 @@ def video_tab(ctx: AppContext) -> None:
                 )
                 with gr.Row():
                     start = gr.Number(0, label="Start (s)", minimum=0)
-                    end = gr.Number(None, label="End (s)", minimum=0, info="empty = to the end")
+                    # a text box: Gradio's number box shows 0 for "no value", which read as "end at 0 s"
+                    end = gr.Textbox("", label="End (s)", placeholder="to the end", info="seconds; empty = to the end")
                 side_by_side = gr.Checkbox(False, label="Side by side (original | stylized)")
                 limits = ctx.video_limits
                 gr.Markdown(
@@ -643,6 +645,10 @@ def video_tab(ctx: AppContext) -> None:
 NEIGHBOURS_RANGE = (1, 100)
 PROJECTION_STEPS_RANGE = (10, 1000)
 MAX_WALK_FRAMES = 900  # 30 s at 30 fps per render on a CPU
+LATENT_VIEW_PX = 256  # displayed height of the projection and its target, whatever the generator's size
+# Gradio shows an image no larger than its own pixels (a 64 px projection was a thin strip): the
+# views of the generator's images fill their box instead, with sharp pixels. Passed to launch().
+APP_CSS = ".latent-view img { object-fit: contain !important; image-rendering: pixelated; }"
 PREVIEW_EVERY_S = 1.0  # the projection preview refreshes at least this often (when steps finish)
 
 
@@ -748,7 +754,11 @@ def latent_tabs(ctx: AppContext) -> None:
         except ImageLoadError as exc:
             raise user_error(exc, replace={path: name}) from None
         G, session, notice = load_gan(model, hub_repo, revision, session)
-        target = to_tensor(center_crop_resize(image, G.resolution)).to(ctx.models.device)
+        # what the projection fits: the centre square at the generator's resolution, shown beside it
+        target_image = center_crop_resize(image, G.resolution)
+        target_path = str(ctx.outputs.path_for(f"{_safe_stem(name, 'painting')}_target.png"))
+        target_image.save(target_path, format="PNG")
+        target = to_tensor(target_image).to(ctx.models.device)
         perceptual = ctx.perceptual()
 
         latest: dict[str, Any] = {}
@@ -770,6 +780,7 @@ def latent_tabs(ctx: AppContext) -> None:
         thread.start()
         note = "" if perceptual is not None else " (pixel distance only: set GHIBLI_VGG for a perceptual one)"
         shown = -1
+        yield gr.skip(), f"projecting: {steps} steps{note}", gr.skip(), session, target_path
         try:
             while thread.is_alive():
                 thread.join(PREVIEW_EVERY_S)
@@ -778,7 +789,7 @@ def latent_tabs(ctx: AppContext) -> None:
                     shown = step
                     preview = save_images(latest["img"][:1].cpu(), "preview")[0]
                     status = f"step {step}/{steps}, loss {latest['loss']:.4f}{note}"
-                    yield preview, status, gr.skip(), session
+                    yield preview, status, gr.skip(), session, gr.skip()
         finally:
             stop.set()  # the client went away (or an error): end the optimisation too
             thread.join()
@@ -792,7 +803,7 @@ def latent_tabs(ctx: AppContext) -> None:
         status = f"projected in {len(result.losses)} steps, loss {result.losses[-1]:.4f}{note}"
         if notice:
             status = f"⚠️ {html.escape(notice, quote=False)}\n\n{status}"
-        yield projected, status, str(latent_path), session
+        yield projected, status, str(latent_path), session, target_path
 
     # ---- neighbours and evolution ----
     def neighbours_run(model, hub_repo, revision, sigma, count, seed, session, progress=gr.Progress()):
@@ -1006,7 +1017,12 @@ def latent_tabs(ctx: AppContext) -> None:
                                  info="w: one latent for all layers (more typical images); w+: one per layer (closer fits)")
                 project_button = gr.Button("Project", variant="primary")
             with gr.Column():
-                preview = gr.Image(label="Projection", type="filepath", format="png", interactive=False)
+                # the generator's images are small (64 px for the default): shown large, pixels kept sharp
+                with gr.Row():
+                    target_view = gr.Image(label="Target", type="filepath", format="png", interactive=False,
+                                           height=LATENT_VIEW_PX, elem_classes=["latent-view"])
+                    preview = gr.Image(label="Projection", type="filepath", format="png", interactive=False,
+                                       height=LATENT_VIEW_PX, elem_classes=["latent-view"])
                 project_status = gr.Markdown()
                 latent_file = gr.DownloadButton("Download latent (.safetensors)")
         gr.Markdown("### Neighbours and evolution\nClick images to choose favourites, then evolve the next generation.")
@@ -1047,19 +1063,24 @@ def latent_tabs(ctx: AppContext) -> None:
             with gr.Column():
                 walk_mode = gr.Radio(["walk", "noise loop"], value="walk", label="Mode",
                                      info="walk: through the keyframes; noise loop: around the last keyframe")
-                frames = gr.Slider(2, 300, value=150, step=1, label="Frames per transition")
+                # only the chosen mode's controls show (walk_mode.change below)
+                with gr.Group(visible=True) as walk_controls:
+                    frames = gr.Slider(2, 300, value=150, step=1, label="Frames per transition")
+                    loop = gr.Checkbox(False, label="Loop back to the first keyframe")
+                with gr.Group(visible=False) as noise_controls:
+                    with gr.Row():
+                        stops = gr.Slider(2, 20, value=7, step=1, label="Noise-loop stops")
+                        between = gr.Slider(2, 120, value=30, step=1, label="Frames between stops")
+                        loop_sigma = gr.Slider(0.0, 2.0, value=0.5, step=0.05, label="Noise-loop sigma")
                 with gr.Row():
                     fps = gr.Slider(1, 60, value=30, step=1, label="FPS")
                     easing = gr.Radio(list(EASINGS), value="linear", label="Easing")
-                    loop = gr.Checkbox(False, label="Loop back to the first keyframe")
-                with gr.Row():
-                    stops = gr.Slider(2, 20, value=7, step=1, label="Noise-loop stops")
-                    between = gr.Slider(2, 120, value=30, step=1, label="Frames between stops")
-                    loop_sigma = gr.Slider(0.0, 2.0, value=0.5, step=0.05, label="Noise-loop sigma")
                 fmt = gr.Radio(["mp4", "gif"], value="mp4", label="Format")
                 walk_button = gr.Button("Render", variant="primary")
-                walk_video = gr.Video(label="Walk", interactive=False)
-                walk_gif = gr.Image(label="Walk (GIF)", type="filepath", interactive=False)
+                # one result panel, the chosen format's (fmt.change below)
+                walk_video = gr.Video(label="Walk", interactive=False, visible=True)
+                walk_gif = gr.Image(label="Walk (GIF)", type="filepath", interactive=False, visible=False,
+                                    height=LATENT_VIEW_PX, elem_classes=["latent-view"])
                 walk_download = gr.DownloadButton("Download")
                 walk_status = gr.Markdown()
 
@@ -1072,7 +1093,8 @@ def latent_tabs(ctx: AppContext) -> None:
     model.change(show_gan_card, inputs=[model], outputs=[gan_card], api_name="gan_model_card")
     project_button.click(
         project_run, inputs=[painting, sketch, *controls, steps, space, session],
-        outputs=[preview, project_status, latent_file, session], api_name="project", preprocess=False, **ctx.heavy,
+        outputs=[preview, project_status, latent_file, session, target_view], api_name="project", preprocess=False,
+        **ctx.heavy,
     )
     gallery_outputs = [gallery, favourites, gallery_status, session]
     neighbours_button.click(neighbours_run, inputs=[*controls, sigma, count, seed, session], outputs=gallery_outputs,
@@ -1090,6 +1112,16 @@ def latent_tabs(ctx: AppContext) -> None:
     latent_upload.upload(add_latent_file, inputs=[*controls, latent_upload, session], outputs=[keyframes, key_status, session],
                          api_name="add_latent_file", preprocess=False, **ctx.heavy)
     clear_button.click(clear_keyframes, inputs=[session], outputs=[keyframes, key_status, session], api_name="clear_keyframes")
+    # layout only: private events (not offered to API clients), answered outside the queue
+    walk_mode.change(
+        lambda mode: (gr.update(visible=mode != "noise loop"), gr.update(visible=mode == "noise loop")),
+        inputs=[walk_mode], outputs=[walk_controls, noise_controls], api_name="walk_mode", api_visibility="private",
+        queue=False,
+    )
+    fmt.change(
+        lambda f: (gr.update(visible=f != "gif"), gr.update(visible=f == "gif")),
+        inputs=[fmt], outputs=[walk_video, walk_gif], api_name="walk_format", api_visibility="private", queue=False,
+    )
     walk_button.click(
         walk_run,
         inputs=[*controls, walk_mode, frames, fps, easing, loop, stops, between, loop_sigma, fmt, session],
@@ -1238,6 +1270,7 @@ def launch(
         blocked_paths=blocked_paths(ctx),
         prevent_thread_lock=prevent_thread_lock,
         quiet=quiet,
+        css=APP_CSS,
     )
 
 

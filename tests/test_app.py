@@ -156,12 +156,12 @@ def test_pickers_and_the_page_show_each_models_held_out_kid(tmp_path):
         ("plain", "plain"),  # a card without figures: the name alone
     ]
     notice = models.quality_notice()
-    assert "below the project's quality bar" in notice and "**early** 106.85" in notice
+    assert "below the project's quality bar" in notice and "`early` 106.85" in notice
     assert "good" not in notice and "plain" not in notice  # within the bar, or no figure to judge
 
     demo = app.build_app(weights_dir=weights, default_model="early", device="cpu")
     shown = [c["props"] for c in demo.config["components"] if c["props"].get("elem_id") == "quality-notice"]
-    assert len(shown) == 1 and "**early** 106.85" in shown[0]["value"]
+    assert len(shown) == 1 and "`early` 106.85" in shown[0]["value"]
     pickers = [c["props"] for c in demo.config["components"] if c["props"].get("label") == "Model"]
     assert pickers and all(("early · KID 106.85 (the photos unchanged: 93.97)", "early") in p["choices"] for p in pickers)
 
@@ -213,7 +213,8 @@ def test_video_stylize_keeps_sound_rate_and_duration(server):
     client, root = server
     src = clip(root / "holiday clip.mp4", size=(64, 48), rate=10, seconds=1.5, audio=True)
     result, download, notice, details = client.predict(
-        video_input(src), "tiny", "", "", "original", 0.5, 0, None, False, api_name="/video_stylize"
+        # "" is what the page's empty "End (s)" box sends: to the end
+        video_input(src), "tiny", "", "", "original", 0.5, 0, "", False, api_name="/video_stylize"
     )
     video = result["video"] if isinstance(result, dict) else result
     info = probe(video)

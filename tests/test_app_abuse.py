@@ -300,8 +300,9 @@ def test_odd_image_gives_the_upright_rgb_result(client, image_files, name):
 
 @pytest.mark.parametrize("name", ["edge.png", "cmyk.jpg", "depth16.png", "animated.gif", "exif_rotated.jpg"])
 def test_odd_image_is_projected(client, image_files, name):
-    preview, status, latent = project(client, image_files / name)
+    preview, status, latent, target = project(client, image_files / name)
     assert Image.open(preview).size == (16, 16) and "projected in 10 steps" in status
+    assert Image.open(target).size == (16, 16)  # the centre square the projection fitted
     assert latent.endswith("_latent.safetensors")
 
 

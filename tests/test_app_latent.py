@@ -77,8 +77,11 @@ def test_video_tab_prefers_the_video_model(tmp_path):
 
 def test_projection_then_neighbours_evolution_and_back(client):
     c, root = client
-    preview, status, latent = _projected(c, root)
+    preview, status, latent, target = _projected(c, root)
     assert Image.open(preview).size == (16, 16) and "projected in 20 steps" in status
+    # the target beside it: the painting's centre square (40x40 of 50x40) at the generator's 16 px
+    want = np.asarray(Image.open(root / "p.png").crop((5, 0, 45, 40)).resize((16, 16), Image.Resampling.LANCZOS), int)
+    assert np.abs(np.asarray(Image.open(target).convert("RGB"), int) - want).max() <= 1
     ws, noise, meta = load_latent(latent)
     assert ws.shape[0] == 1 and ws.shape[2] == 16 and noise and meta["space"] == "w"
     gallery, favourites, status = c.predict("gan", "", "", 0.0, 6, 0, api_name="/neighbours")

@@ -121,7 +121,7 @@ def block(page, label: str):
     title = page.locator("[data-testid=block-label], [data-testid=block-info]").filter(
         has_text=re.compile(rf"^\s*{re.escape(label)}\s*$")
     )
-    return page.locator("div.block:visible").filter(has=title).last
+    return page.locator(".block:visible").filter(has=title).last  # a <div>, or a <fieldset> (radios)
 
 
 def open_tab(page, name: str) -> None:
@@ -142,6 +142,28 @@ def image_in(page, label: str):
     page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.first.element_handle(),
                            timeout=JOB_TIMEOUT_MS)
     return img.first
+
+
+def shown(page, label: str) -> bool:
+    """Whether a component labelled exactly ``label`` is on screen (hidden ones may be absent)."""
+    title = page.locator("[data-testid=block-label], [data-testid=block-info], label, span").filter(
+        has_text=re.compile(rf"^\s*{re.escape(label)}\s*$")
+    )
+    return any(title.nth(i).is_visible() for i in range(title.count()))
+
+
+def displayed_size(img) -> tuple[float, float]:
+    """The size an <img>'s picture is drawn at on the page (its box, less object-fit's margins)."""
+    return tuple(img.evaluate(
+        """el => {
+            const r = el.getBoundingClientRect(), fit = getComputedStyle(el).objectFit;
+            if (fit === 'fill') return [r.width, r.height];
+            let s = Math.min(r.width / el.naturalWidth, r.height / el.naturalHeight);
+            if (fit === 'cover') s = Math.max(r.width / el.naturalWidth, r.height / el.naturalHeight);
+            if (fit === 'none' || (fit === 'scale-down' && s > 1)) s = 1;
+            return [el.naturalWidth * s, el.naturalHeight * s];
+        }"""
+    ))
 
 
 def fetch_image(page, img) -> Image.Image:
@@ -205,6 +227,9 @@ def test_video_upload_run_and_play(page, served, artifacts):
     _, root = served
     src = make_clip(root / "beach clip.mp4", size=(64, 48), rate=10, seconds=1.5, audio=True)
     open_tab(page, "Video stylize")
+    # "End (s)" starts empty (to the end), not at 0
+    end_box = block(page, "End (s)").locator("input, textarea").first
+    assert end_box.input_value() == "" and end_box.get_attribute("placeholder") == "to the end"
     block(page, "Clip").locator("input[type=file]").set_input_files(str(src))
     block(page, "Clip").locator("video").wait_for()
     shoot(page, artifacts, "video-1-uploaded")
@@ -255,9 +280,17 @@ def test_projection_then_neighbours(page, served, artifacts):
 
     page.get_by_text("projected in 10 steps").wait_for(timeout=JOB_TIMEOUT_MS)
     preview = image_in(page, "Projection")
+    target = image_in(page, "Target")
     shoot(page, artifacts, "projection-2-projected")
     assert preview.evaluate("el => [el.naturalWidth, el.naturalHeight]") == [16, 16]
     assert fetch_image(page, preview).size == (16, 16)
+    assert fetch_image(page, target).size == (16, 16)  # the centre square the projection fitted
+    # both drawn at a readable size (the 16 px pictures scaled up), the projection beside the target
+    for img in (preview, target):
+        width, height = displayed_size(img)
+        assert width >= 200 and height >= 200, f"drawn at {width:.0f}x{height:.0f} px"
+    t, p = target.bounding_box(), preview.bounding_box()
+    assert abs(t["y"] - p["y"]) < 5 and t["x"] + t["width"] <= p["x"], (t, p)
 
     set_number(page, "Images", 6)
     page.get_by_role("button", name="Show neighbours", exact=True).click()
@@ -271,6 +304,33 @@ def test_projection_then_neighbours(page, served, artifacts):
     pictures = [np.asarray(fetch_image(page, thumbs.nth(i)).convert("RGB"), np.int16) for i in range(6)]
     assert all(p.shape == (16, 16, 3) for p in pictures)
     assert any(np.abs(p - pictures[0]).max() > 0 for p in pictures[1:])  # neighbours at sigma 0.5, not copies
+
+
+def test_walk_tab_shows_the_chosen_modes_controls_only(page, artifacts):
+    open_tab(page, "Latent walk")
+    block(page, "Mode").wait_for()
+    walk_only, loop_only = ["Frames per transition", "Loop back to the first keyframe"], ["Noise-loop stops",
+                                                                                           "Frames between stops",
+                                                                                           "Noise-loop sigma"]
+
+    def expect(visible: list[str], hidden: list[str]) -> None:
+        for label in visible:
+            assert shown(page, label), f"{label} should show"
+        for label in hidden:
+            assert not shown(page, label), f"{label} should be hidden"
+
+    expect(walk_only + ["FPS", "Easing", "Walk"], loop_only + ["Walk (GIF)"])
+    shoot(page, artifacts, "walk-1-walk-mode")
+    block(page, "Mode").get_by_label("noise loop").check()
+    block(page, "Noise-loop stops").wait_for()
+    expect(loop_only + ["FPS", "Easing"], walk_only)
+    block(page, "Format").get_by_label("gif").check()
+    block(page, "Walk (GIF)").wait_for()
+    expect(["Walk (GIF)"], ["Walk"])
+    shoot(page, artifacts, "walk-2-noise-loop-gif")
+    block(page, "Mode").get_by_label("walk", exact=True).check()
+    block(page, "Frames per transition").wait_for()
+    expect(walk_only, loop_only)
 
 
 def test_photo_tab_on_a_phone(browser, served, artifacts):
