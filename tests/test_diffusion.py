@@ -22,7 +22,7 @@ from PIL import Image
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from ghibli_core import diffusion, hub  # noqa: E402
+from ghibli_core import diffusion  # noqa: E402
 from ghibli_core.diffusion import (  # noqa: E402
     DEFAULT_DIFFUSION_MODEL,
     DEFAULT_DIFFUSION_REVISION,
