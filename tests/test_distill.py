@@ -202,3 +202,24 @@ def test_style_net_student_for_video(data, tmp_path):
     assert isinstance(net, StyleNet) and net._hub_mixin_config["shuffle"] is True
     with pytest.raises(ValueError, match="student"):
         DistillConfig(photos=["p"], frames=["f"], teacher="t", vgg="v", out="o", student="unet")
+
+
+def test_cli_takes_a_diffusion_teacher(tmp_path, monkeypatch):
+    """`--teacher diffusion:REPO` goes through the diffusion stylizer as a cached teacher
+    (the pipeline itself is tested in test_diffusion.py; here a stand-in takes its place)."""
+    import ghibli_core.diffusion as diffusion
+
+    _images(tmp_path / "photos", 2)
+    _images(tmp_path / "frames", 2, seed=1)
+    teacher = Inverter()
+    teacher.teacher_id = "diffusion:abc"
+    asked = {}
+    monkeypatch.setattr(diffusion, "load_diffusion", lambda spec, device: asked.update(spec=spec, device=device) or "pipe")
+    monkeypatch.setattr(diffusion, "as_teacher", lambda stylizer: teacher if stylizer == "pipe" else None)
+    args = ["train", "distill", "--teacher", "diffusion:someone/sd@abc", "--teacher-device", "cpu",
+            "--photos", str(tmp_path / "photos"), "--frames", str(tmp_path / "frames"),
+            "--vgg", str(tiny_vgg(tmp_path)), "--out", str(tmp_path / "run"), "--width", "4", "--n-blocks", "1",
+            "--disc-width", "4", "--teacher-sizes", "36", "--frames-size", "32", "--crop-size", "16", "--border", "2",
+            "--batch-size", "1", "--steps", "1", "--decay-steps", "0"]
+    assert cli_main(args) == 0
+    assert asked == {"spec": "diffusion:someone/sd@abc", "device": "cpu"} and teacher.calls == 2

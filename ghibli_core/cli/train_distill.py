@@ -27,7 +27,10 @@ def add_distill_parser(p: argparse.ArgumentParser) -> None:
     }
     p.add_argument("--teacher", required=True, metavar="SPEC",
                    help="the teacher: an image model spec (embedded name, folder such as a converted CartoonGAN, "
-                        "owner/name[@rev])")
+                        "owner/name[@rev]) or a diffusion model, diffusion:REPO[@REV] (on a GPU; its outputs are "
+                        "cached in --teacher-cache, so a CPU run can reuse them later)")
+    p.add_argument("--teacher-device", default=None,
+                   help="where the teacher runs (default: cuda when available)")
     p.add_argument("--photos", nargs="+", required=True, metavar="DIR", help="training photos (folders)")
     p.add_argument("--frames", nargs="+", required=True, metavar="DIR", help="real Ghibli frames (folders)")
     p.add_argument("--photos-include", nargs="*", default=[], metavar="GLOB")
@@ -111,8 +114,21 @@ def run_distill(args: argparse.Namespace) -> int:
             raise ValueError("--preset names a style-net size: use it with --student style-net")
         values = {**PRESETS[args.preset], **values}
     cfg = DistillConfig(**values)
+    import torch
+
+    from ..diffusion import is_diffusion_spec
+
     vgg = load_vgg(args.vgg)
-    teacher = Stylizer(load(args.teacher), precision="fp32")
+    args.teacher_device = args.teacher_device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    if is_diffusion_spec(args.teacher):
+        from ..diffusion import as_teacher, load_diffusion
+
+        teach = as_teacher(load_diffusion(args.teacher, device=args.teacher_device))
+        teacher_id = teach.teacher_id
+    else:
+        teach = Stylizer(load(args.teacher), device=args.teacher_device, precision="fp32").stylize_images
+        teacher_id = _teacher_id(args.teacher)
     init = load(args.init) if args.init else None
     evaluator = None
     if args.eval_frames_include:
@@ -122,7 +138,7 @@ def run_distill(args: argparse.Namespace) -> int:
             photos=args.photos[0], frames=args.frames[0], include=args.eval_frames_include,
             size=args.eval_size, max_images=args.eval_max_images,
         )
-    folder = train_distill(cfg, vgg, teacher.stylize_images, teacher_id=_teacher_id(args.teacher), init=init,
+    folder = train_distill(cfg, vgg, teach, teacher_id=teacher_id, init=init,
                            evaluator=evaluator, resume=args.resume, cpu=args.cpu, stop_after=args.stop_after)
     print(f"generator: {folder}")
     return 0
