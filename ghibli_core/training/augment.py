@@ -206,12 +206,13 @@ def ada_augment(x: torch.Tensor, p: float, *, generator: torch.Generator) -> tor
     return x
 
 
-def diff_augment(x: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
+def diff_augment(x: torch.Tensor, *, generator: torch.Generator, colour: bool = True) -> torch.Tensor:
     """DiffAugment "color,translation,cutout" on every image (see the module docstring).
 
     The ranges are those of the authors' StyleGAN2 code, which also works on [-1, 1] images:
     brightness + U(-0.5, 0.5), saturation x U(0, 2), contrast x U(0.5, 1.5); translation by up
-    to 1/8 of the side with zero padding; one zeroed square of half the side.
+    to 1/8 of the side with zero padding; one zeroed square of half the side. ``colour=False``
+    skips the colour step (for discriminators that must judge colour: it is part of a style).
     """
     _check_images(x)
     n, _, h, w = x.shape
@@ -222,11 +223,12 @@ def diff_augment(x: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor
 
     y = x.float()
     # 1. colour
-    y = y + (r(n, 1, 1, 1) - 0.5)
-    mean = y.mean(dim=1, keepdim=True)
-    y = (y - mean) * (r(n, 1, 1, 1) * 2) + mean
-    mean = y.mean(dim=(1, 2, 3), keepdim=True)
-    y = (y - mean) * (r(n, 1, 1, 1) + 0.5) + mean
+    if colour:
+        y = y + (r(n, 1, 1, 1) - 0.5)
+        mean = y.mean(dim=1, keepdim=True)
+        y = (y - mean) * (r(n, 1, 1, 1) * 2) + mean
+        mean = y.mean(dim=(1, 2, 3), keepdim=True)
+        y = (y - mean) * (r(n, 1, 1, 1) + 0.5) + mean
     # 2. translation: gather from a zero-padded copy
     sy, sx = int(h * 0.125 + 0.5), int(w * 0.125 + 0.5)
     ty = (r(n) * (2 * sy + 1)).long().clamp(max=2 * sy) - sy

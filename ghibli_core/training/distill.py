@@ -60,6 +60,7 @@ from ..imaging import center_crop_resize, load_image, to_tensor
 from ..models.cyclegan import PatchDiscriminator, ResnetGenerator, init_weights
 from ..models.perceptual import VGGFeatures
 from ..models.style_net import StyleNet, init_style_net
+from .augment import diff_augment
 from .common import (
     EMA,
     JsonlLog,
@@ -348,27 +349,7 @@ class _AugState:
 
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """DiffAugment translation + cutout (no colour jitter: colour is part of the style here)."""
-    n, _, h, w = x.shape
-    dev = x.device
-
-    def r(*shape):
-        return torch.rand(shape, generator=generator, dtype=torch.float32).to(dev)
-
-    sy, sx = int(h * 0.125 + 0.5), int(w * 0.125 + 0.5)
-    ty = (r(n) * (2 * sy + 1)).long().clamp(max=2 * sy) - sy
-    tx = (r(n) * (2 * sx + 1)).long().clamp(max=2 * sx) - sx
-    padded = F.pad(x, (sx, sx, sy, sy))
-    rows = torch.arange(h, device=dev)[None, :] + sy - ty[:, None]
-    cols = torch.arange(w, device=dev)[None, :] + sx - tx[:, None]
-    batch = torch.arange(n, device=dev)[:, None, None]
-    y = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    ch, cw = h // 2, w // 2
-    y0 = (r(n) * (h + 1)).long() - ch // 2
-    x0 = (r(n) * (w + 1)).long() - cw // 2
-    yy = torch.arange(h, device=dev)[None, :, None] - y0[:, None, None]
-    xx = torch.arange(w, device=dev)[None, None, :] - x0[:, None, None]
-    inside = (yy >= 0) & (yy < ch) & (xx >= 0) & (xx < cw)
-    return y * (~inside).unsqueeze(1).to(y.dtype)
+    return diff_augment(x, generator=generator, colour=False)
 
 
 def build_student(cfg: DistillConfig) -> nn.Module:
