@@ -18,6 +18,8 @@ from ghibli_core.training.distill import (
     DistillCrops,
     VGGFeatureDiscriminator,
     edge_smoothed,
+    keep_resnet_blocks,
+    recolour_target,
     teacher_pairs,
     train_distill,
 )
@@ -111,6 +113,64 @@ def test_edge_smoothing_blurs_only_near_edges():
     assert out[2, 2].tolist() == img[2, 2].tolist() and out[10, 2].tolist() == [0, 0, 0]
 
 
+def test_recolour_takes_the_photos_region_colour_and_keeps_the_teachers_drawing():
+    rng = np.random.default_rng(0)
+    photo = np.zeros((64, 96, 3), np.uint8)
+    photo[:32] = (60, 110, 220)  # a blue sky over a green field
+    photo[32:] = (70, 160, 60)
+    lines = np.zeros((64, 96), bool)
+    lines[::8] = True  # the teacher's drawing: dark lines
+    target = np.where(lines[..., None], 20, np.array((200, 80, 90), np.uint8)).astype(np.uint8)  # ...on a red cast
+    target = np.clip(target.astype(int) + rng.integers(-5, 6, target.shape), 0, 255).astype(np.uint8)
+    pair = np.concatenate([photo, target], axis=2)
+    assert recolour_target(pair, 0.0) is pair
+    full, half = recolour_target(pair, 1.0), recolour_target(pair, 0.5)
+    assert np.array_equal(full[..., :3], photo)  # the photo half is untouched
+    luma = lambda a: (a[..., :3].astype(float) @ [0.299, 0.587, 0.114])  # noqa: E731
+    assert np.abs(luma(full[..., 3:]) - luma(target)).mean() < 12  # the drawing's light and dark stay
+    sky, field = full[4:12, 30:60, 3:].reshape(-1, 3).mean(0), full[48:60, 30:60, 3:].reshape(-1, 3).mean(0)
+    assert sky[2] > sky[0] + 40 and field[1] > field[0] + 30  # blue above, green below: the photo's colours
+    red = lambda a: (a[..., 3].astype(float) - a[..., 5]).mean()  # noqa: E731
+    assert red(pair) > red(half) > red(full)  # the share moves the cast part of the way
+
+
+def test_keep_resnet_blocks_starts_a_shallower_student():
+    deep = ResnetGenerator(width=4, n_blocks=3, upsample="resize")
+    state = keep_resnet_blocks(deep.state_dict(), [0, 2])
+    shallow = ResnetGenerator(width=4, n_blocks=2, upsample="resize")
+    shallow.load_state_dict(state)  # strict: exactly the right keys
+    assert torch.equal(shallow.blocks[1].conv_block[1].weight, deep.blocks[2].conv_block[1].weight)
+    assert torch.equal(shallow.head[1].weight, deep.head[1].weight)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():  # the same network as the deep one with its block 1 skipped
+        y = deep.head(deep.up(deep.blocks[2](deep.blocks[0](deep.down(deep.stem(x))))))
+        assert torch.allclose(shallow(x), y, atol=1e-6)
+    with pytest.raises(ValueError, match="distinct blocks"):
+        keep_resnet_blocks(deep.state_dict(), [0, 3])
+    with pytest.raises(ValueError, match="distinct blocks"):
+        keep_resnet_blocks(deep.state_dict(), [1, 1])
+
+
+def test_cli_init_blocks_trains_from_a_deeper_generator(tmp_path, capsys):
+    _images(tmp_path / "photos", 2)
+    _images(tmp_path / "frames", 2, seed=1)
+    ResnetGenerator(width=4, n_blocks=3, upsample="resize").save_pretrained(tmp_path / "deep")
+    args = ["train", "distill", "--teacher", str(tmp_path / "deep"), "--photos", str(tmp_path / "photos"),
+            "--frames", str(tmp_path / "frames"), "--vgg", str(tiny_vgg(tmp_path)), "--out", str(tmp_path / "run"),
+            "--init", str(tmp_path / "deep"), "--init-blocks", "2", "0", "--width", "4", "--n-blocks", "2",
+            "--upsample", "resize", "--disc-width", "4", "--teacher-sizes", "36", "--frames-size", "32",
+            "--crop-size", "16", "--border", "2", "--batch-size", "1", "--steps", "1", "--decay-steps", "0",
+            "--teacher-recolour", "0.5"]
+    assert cli_main(args) == 0
+    assert load_model(tmp_path / "run" / "generator").blocks.__len__() == 2
+    cfg = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert cfg["init_blocks"] == [2, 0] and cfg["teacher_recolour"] == 0.5
+    i = args.index("--init-blocks")
+    assert cli_main(args[: i + 1] + ["0"] + args[i + 3 :] + ["--out", str(tmp_path / "bad")]) == 2
+    assert "init_blocks names 1 blocks for a 2-block student" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_vgg_discriminator_gives_a_map_per_feature_level(data):
     disc = VGGFeatureDiscriminator(width=4)
     maps = disc(data(torch.zeros(2, 3, 32, 32), ["relu1_1", "relu2_1", "relu3_1"]))
@@ -175,6 +235,10 @@ def test_config_errors():
         DistillConfig(**base, adv_weight=0.0, edge_weight=1.0)
     with pytest.raises(ValueError, match="multiple of 4"):
         DistillConfig(**base, crop_size=30)
+    with pytest.raises(ValueError, match="teacher_recolour"):
+        DistillConfig(**base, teacher_recolour=1.5)
+    with pytest.raises(ValueError, match="--init"):
+        DistillConfig(**base, n_blocks=2, init_blocks=[0, 1])
 
 
 def test_cli_train_distill_with_a_model_folder_as_teacher(tmp_path):

@@ -44,6 +44,9 @@ def add_distill_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-cache", default=None, metavar="DIR",
                    help="where the teacher's outputs are cached (default OUT/teacher_cache); reuse it across runs")
     p.add_argument("--init", default=None, metavar="SPEC", help="start the student from this generator (same architecture)")
+    p.add_argument("--init-blocks", nargs="+", type=int, default=None, metavar="I",
+                   help="with a deeper ResNet --init: its residual blocks the student keeps, e.g. 0 3 4 5 for a "
+                        "4-block student (a faster network that starts from the trained one)")
     g = p.add_argument_group("networks")
     g.add_argument("--student", choices=STUDENTS, default=d["student"],
                    help="resnet: the photo generator (width, n-blocks, upsample); style-net: the fast video network "
@@ -66,6 +69,9 @@ def add_distill_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("losses")
     for name in ("l1_weight", "vgg_weight", "adv_weight", "edge_weight", "photo_colour_weight"):
         g.add_argument("--" + name.replace("_", "-"), type=float, default=d[name])
+    g.add_argument("--teacher-recolour", type=float, default=d["teacher_recolour"], metavar="S",
+                   help="move the teacher's low-frequency chroma this share (0-1) of the way to the photo's: "
+                        "keeps its drawing, drops its colour casts (a red sky, a purple floor)")
     g.add_argument("--vgg-layer", default=d["vgg_layer"])
     g.add_argument("--adv-start", type=int, default=d["adv_start"], help="steps of pure distillation first")
     g = p.add_argument_group("optimisation")

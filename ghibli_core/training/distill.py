@@ -107,6 +107,7 @@ class DistillConfig:
     frames_exclude: list[str] = field(default_factory=list)
     teacher_cache: str | None = None  # default OUT/teacher_cache
     init: str | None = None  # start the student from this model spec (same architecture)
+    init_blocks: list[int] | None = None  # of a deeper ResNet --init, the residual blocks kept, in order
     # student: "resnet" (the CycleGAN ResNet generator: width, n_blocks, upsample) or "style-net"
     # (the fast video network: width, n_blocks, kernel, shuffle)
     student: str = "resnet"
@@ -132,6 +133,7 @@ class DistillConfig:
     adv_start: int = 0  # steps of pure distillation before the adversarial term starts
     edge_weight: float = 0.0
     photo_colour_weight: float = 0.0
+    teacher_recolour: float = 0.0  # share of the teacher's low-frequency chroma replaced by the photo's
     # optimisation
     steps: int = 3000
     decay_steps: int = 1000
@@ -169,6 +171,13 @@ class DistillConfig:
         for name in ("l1_weight", "vgg_weight", "adv_weight", "edge_weight", "photo_colour_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.init_blocks is not None:
+            if self.student != "resnet" or self.init is None:
+                raise ValueError("init_blocks picks residual blocks of a deeper ResNet --init: use it with --student resnet and --init")
+            if len(self.init_blocks) != self.n_blocks:
+                raise ValueError(f"init_blocks names {len(self.init_blocks)} blocks for a {self.n_blocks}-block student")
+        if not 0 <= self.teacher_recolour <= 1:
+            raise ValueError(f"teacher_recolour must be in [0, 1], got {self.teacher_recolour}")
         if self.edge_weight > 0 and self.adv_weight == 0:
             raise ValueError("edge_weight needs the adversarial term (adv_weight > 0)")
 
@@ -216,6 +225,27 @@ def teacher_pairs(
             tmp.replace(file)
         pairs.append(pair)
     return pairs
+
+
+def recolour_target(pair: np.ndarray, strength: float) -> np.ndarray:
+    """A ``(H, W, 6)`` pair whose teacher half takes ``strength`` of the photo's low-frequency chroma.
+
+    In YCrCb, the teacher's luma and fine chroma stay; its chroma blurred at a scale of 1/32 of
+    the short side (the colour of regions: a sky, a floor) moves ``strength`` of the way to the
+    photo's, blurred the same way. A teacher that turns a blue sky red or a floor purple then
+    teaches its drawing without its colour casts, and the student gets one consistent target
+    instead of two losses pulling its colours apart.
+    """
+    if strength <= 0:
+        return pair
+    photo, target = pair[..., :3], pair[..., 3:]
+    sigma = min(pair.shape[:2]) / 32
+    yp = cv2.cvtColor(np.ascontiguousarray(photo), cv2.COLOR_RGB2YCrCb).astype(np.float32)
+    yt = cv2.cvtColor(np.ascontiguousarray(target), cv2.COLOR_RGB2YCrCb).astype(np.float32)
+    low = lambda a: cv2.GaussianBlur(a, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)  # noqa: E731
+    yt[..., 1:] += strength * (low(yp[..., 1:]) - low(yt[..., 1:]))
+    out = cv2.cvtColor(np.clip(yt, 0, 255).round().astype(np.uint8), cv2.COLOR_YCrCb2RGB)
+    return np.concatenate([photo, out], axis=2)
 
 
 def edge_smoothed(img: np.ndarray) -> np.ndarray:
@@ -352,6 +382,27 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return diff_augment(x, generator=generator, colour=False)
 
 
+def keep_resnet_blocks(state: dict[str, torch.Tensor], keep: Sequence[int]) -> dict[str, torch.Tensor]:
+    """A ResNet generator's state dict with only the residual blocks ``keep`` (renumbered in order).
+
+    Starts a shallower, faster student from a trained deeper one: the stem, downsampling,
+    upsampling and head are kept whole.
+    """
+    have = sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.")})
+    bad = [i for i in keep if i not in have]
+    if bad or len(set(keep)) != len(keep):
+        raise ValueError(f"blocks to keep must be distinct blocks of the network (it has {have}), got {list(keep)}")
+    out = {}
+    for k, v in state.items():
+        if not k.startswith("blocks."):
+            out[k] = v
+            continue
+        _, i, rest = k.split(".", 2)
+        if int(i) in keep:
+            out[f"blocks.{list(keep).index(int(i))}.{rest}"] = v
+    return out
+
+
 def build_student(cfg: DistillConfig) -> nn.Module:
     """The freshly initialised student network ``cfg`` describes."""
     if cfg.student == "style-net":
@@ -400,7 +451,10 @@ def train_distill(
     device = accelerator.device
     G = build_student(cfg)
     if init is not None:
-        G.load_state_dict(init.state_dict())
+        state_init = init.state_dict()
+        if cfg.init_blocks is not None:
+            state_init = keep_resnet_blocks(state_init, cfg.init_blocks)
+        G.load_state_dict(state_init)
     D: nn.Module = VGGFeatureDiscriminator(width=cfg.disc_width) if cfg.discriminator == "vgg" else PatchDiscriminator(width=cfg.disc_width)
     if cfg.discriminator == "patch":
         init_weights(D)
@@ -431,6 +485,7 @@ def train_distill(
     cache = Path(cfg.teacher_cache) if cfg.teacher_cache else out / "teacher_cache"
     pairs = teacher_pairs(photo_paths, teacher, sizes=cfg.teacher_sizes, cache_dir=cache, teacher_id=teacher_id,
                           progress=progress and main)
+    pairs = [recolour_target(p, cfg.teacher_recolour) for p in pairs]
     frames = ImageSet(frame_paths, load_size=cfg.frames_size, progress=progress and main)
     dataset = DistillCrops(pairs, frames, crop=cfg.crop_size, border=cfg.border, seed=cfg.seed)
     stop = cfg.steps if stop_after is None else min(cfg.steps, state.step + stop_after)
