@@ -392,14 +392,15 @@ def keep_resnet_blocks(state: dict[str, torch.Tensor], keep: Sequence[int]) -> d
     bad = [i for i in keep if i not in have]
     if bad or len(set(keep)) != len(keep):
         raise ValueError(f"blocks to keep must be distinct blocks of the network (it has {have}), got {list(keep)}")
+    new_index = {old: new for new, old in enumerate(keep)}
     out = {}
     for k, v in state.items():
         if not k.startswith("blocks."):
             out[k] = v
             continue
         _, i, rest = k.split(".", 2)
-        if int(i) in keep:
-            out[f"blocks.{list(keep).index(int(i))}.{rest}"] = v
+        if int(i) in new_index:
+            out[f"blocks.{new_index[int(i)]}.{rest}"] = v
     return out
 
 
