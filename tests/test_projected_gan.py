@@ -288,6 +288,28 @@ def test_training_resumes_exactly(frames, tmp_path):
                        resume=True)
 
 
+def test_blur_fades_and_resumes_exactly(frames, tmp_path):
+    # 4 images a step: the blur falls from 1.5 px to 0 over the first 16 images (4 steps)
+    kw = dict(blur_sigma=1.5, blur_fade_kimg=0.016)
+    cfg = _cfg(frames, tmp_path / "straight", **kw)
+    assert [cfg.blur_at(k / 1000) for k in (0, 8, 16, 40)] == [1.5, 0.75, 0.0, 0.0]
+    straight = train_stylegan(cfg, progress=False, cpu=True)
+    train_stylegan(_cfg(frames, tmp_path / "split", **kw), progress=False, cpu=True, stop_after=3)
+    resumed = train_stylegan(_cfg(frames, tmp_path / "split", **kw), progress=False, cpu=True, resume=True)
+    a, b = (load_file(str(p.parent / "generator" / "model.safetensors")) for p in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    # logged after steps 2, 4, 6: the sigma the next step uses
+    assert [r["blur"] for r in log if "blur" in r] == [0.75, 0.0, 0.0]
+    plain = train_stylegan(_cfg(frames, tmp_path / "plain"), progress=False, cpu=True)
+    c = load_file(str(plain.parent / "generator" / "model.safetensors"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the blur changed what G learned
+    with pytest.raises(ValueError, match="blur_sigma"):
+        _cfg(frames, tmp_path / "bad", blur_sigma=-1.0)
+    with pytest.raises(ValueError, match="blur_fade_kimg"):
+        _cfg(frames, tmp_path / "bad", blur_fade_kimg=0.0)
+
+
 def test_a_run_folder_from_before_the_option_resumes_as_stylegan2(frames, tmp_path):
     out = tmp_path / "old"
     out.mkdir()

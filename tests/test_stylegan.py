@@ -19,7 +19,7 @@ from ghibli_core.cli import main as cli_main
 from ghibli_core.models import MODELS, CheckpointError, StyleGAN2Discriminator, StyleGAN2Generator, load_model
 from ghibli_core.models.stylegan import SynthesisLayer, minibatch_stddev, modulated_conv2d
 from ghibli_core.training.common import list_checkpoints
-from ghibli_core.training.augment import AdaptiveAugment, ada_augment, diff_augment
+from ghibli_core.training.augment import AdaptiveAugment, ada_augment, diff_augment, gaussian_blur
 from ghibli_core.training.stylegan import GeneratorEvaluator, StyleGANConfig, train_stylegan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,6 +260,27 @@ def test_diffaugment():
     assert a.shape == x.shape
     zero_fraction = float((a == 0).all(1).float().mean())
     assert 0.1 < zero_fraction < 0.6  # a half-side square (a quarter) plus translation padding
+
+
+def test_gaussian_blur():
+    x = torch.rand(2, 3, 16, 16)
+    assert gaussian_blur(x, 0.0) is x
+    flat = torch.full((1, 3, 12, 12), 0.3)
+    assert torch.allclose(gaussian_blur(flat, 2.0), flat, atol=1e-6)  # normalised kernel: flat stays flat
+    impulse = torch.zeros(1, 1, 15, 15)
+    impulse[0, 0, 7, 7] = 1.0
+    out = gaussian_blur(impulse, 1.5)
+    assert out.sum().item() == pytest.approx(1.0, abs=1e-5)  # the kernel fits inside: mass kept
+    assert torch.allclose(out, out.flip(2)) and torch.allclose(out, out.transpose(2, 3), atol=1e-7)
+    assert out[0, 0, 7, 7] == out.max() and out[0, 0, 7, 9] > out[0, 0, 7, 11] > 0
+    blurred = gaussian_blur(x, 1.0)
+    assert blurred.shape == x.shape and blurred.var() < 0.5 * x.var()  # noise averaged away
+    assert gaussian_blur(x, 3.0).var() < blurred.var()
+    y = torch.rand(1, 3, 4, 4, requires_grad=True)
+    gaussian_blur(y, 10.0).sum().backward()  # a kernel wider than the image is clipped, still differentiable
+    assert y.grad is not None and torch.isfinite(y.grad).all()
+    with pytest.raises(ValueError, match="float images"):
+        gaussian_blur(torch.zeros(3, 8, 8), 1.0)
 
 
 def test_adaptive_probability_and_its_state():

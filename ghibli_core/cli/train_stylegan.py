@@ -144,6 +144,11 @@ def add_stylegan_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ada-interval", type=int, default=d["ada_interval"], help="steps between p adjustments")
     g.add_argument("--ada-kimg", type=float, default=d["ada_kimg"],
                    help="thousands of images for p to move by 1 (the paper's 500 suits long GPU runs)")
+    g.add_argument("--blur-sigma", type=float, default=d["blur_sigma"],
+                   help="show D reals and fakes blurred by a Gaussian of this sigma (pixels), fading to 0 over "
+                        "--blur-fade-kimg: coarse layout first (StyleGAN3 / StyleGAN-XL); 0: off, the default")
+    g.add_argument("--blur-fade-kimg", type=float, default=d["blur_fade_kimg"],
+                   help="thousands of images over which the blur fades out")
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--log-every", type=int, default=d["log_every"])
     g.add_argument("--sample-every", type=int, default=d["sample_every"])
@@ -270,6 +275,7 @@ def run_stylegan(args: argparse.Namespace) -> int:
         r1_every=args.r1_every, pl_weight=args.pl_weight, pl_every=args.pl_every, style_mixing=args.style_mixing,
         ema_kimg=args.ema_kimg, ema_rampup=args.ema_rampup or None, augment=args.augment, augment_p=args.augment_p,
         ada_target=args.ada_target, ada_interval=args.ada_interval, ada_kimg=args.ada_kimg,
+        blur_sigma=args.blur_sigma, blur_fade_kimg=args.blur_fade_kimg,
         mixed_precision=args.mixed_precision, seed=args.seed, log_every=args.log_every,
         sample_every=args.sample_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         num_samples=args.num_samples, eval_every=args.eval_every, eval_init=not args.no_eval_init,

@@ -206,6 +206,30 @@ def ada_augment(x: torch.Tensor, p: float, *, generator: torch.Generator) -> tor
     return x
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur ``(N, C, H, W)`` images with a Gaussian of ``sigma`` pixels (separable, reflection padding).
+
+    The kernel reaches ``ceil(3 * sigma)`` pixels each side (clipped to ``side - 1``, what reflection
+    padding allows) and is normalised to sum to one, so flat images stay flat. ``sigma <= 0`` returns
+    ``x`` itself. Differentiable; used to show a discriminator only the coarse content of the images
+    early in training (StyleGAN3 / StyleGAN-XL's ``blur_init_sigma``).
+    """
+    if sigma <= 0:
+        return x
+    if x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"gaussian_blur expects float images of shape (N, C, H, W), got {tuple(x.shape)} {x.dtype}")
+    radius = min(math.ceil(3 * sigma), x.shape[2] - 1, x.shape[3] - 1)
+    if radius < 1:
+        return x
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).to(device=x.device, dtype=x.dtype)
+    c = x.shape[1]
+    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, k.reshape(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.reshape(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
 def diff_augment(x: torch.Tensor, *, generator: torch.Generator, colour: bool = True) -> torch.Tensor:
     """DiffAugment "color,translation,cutout" on every image (see the module docstring).
 
