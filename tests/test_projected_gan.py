@@ -310,6 +310,28 @@ def test_blur_fades_and_resumes_exactly(frames, tmp_path):
         _cfg(frames, tmp_path / "bad", blur_fade_kimg=0.0)
 
 
+def test_noise_min_res_trains_resumes_and_is_checked(frames, tmp_path):
+    cfg = _cfg(frames, tmp_path / "run", noise_min_res=16, steps=4)
+    out = train_stylegan(_cfg(frames, tmp_path / "run", noise_min_res=16, steps=4), progress=False, cpu=True,
+                         stop_after=2)
+    G = load_model(out)
+    assert [b.conv1.use_noise for b in G.synthesis.blocks] == [False, False, True]  # 4, 8, 16 px
+    with pytest.raises(ValueError, match="noise_min_res 16 -> 0"):
+        train_stylegan(_cfg(frames, tmp_path / "run", steps=4), progress=False, cpu=True, resume=True)
+    train_stylegan(cfg, progress=False, cpu=True, resume=True)
+    # a run folder written before the option existed resumes as noise everywhere (0)
+    old = tmp_path / "old"
+    train_stylegan(_cfg(frames, old, steps=4), progress=False, cpu=True, stop_after=2)
+    saved = json.loads((old / "train_config.json").read_text())
+    del saved["noise_min_res"]
+    (old / "train_config.json").write_text(json.dumps(saved))
+    train_stylegan(_cfg(frames, old, steps=4), progress=False, cpu=True, resume=True)
+    with pytest.raises(ValueError, match="noise_min_res 0 -> 16"):
+        train_stylegan(_cfg(frames, old, noise_min_res=16, steps=6), progress=False, cpu=True, resume=True)
+    with pytest.raises(ValueError, match="noise_min_res must be"):
+        _cfg(frames, tmp_path / "bad", noise_min_res=-8)
+
+
 def test_a_run_folder_from_before_the_option_resumes_as_stylegan2(frames, tmp_path):
     out = tmp_path / "old"
     out.mkdir()

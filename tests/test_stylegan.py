@@ -149,6 +149,24 @@ def test_noise_modes_and_buffers():
     assert all(f"synthesis.{n}" in G.state_dict() for n, _ in bufs)
 
 
+def test_noise_min_res_removes_coarse_noise(tmp_path):
+    G = tiny_generator(resolution=32, noise_min_res=16)
+    buffers = [n for n, _ in G.synthesis.named_buffers() if "noise_const" in n]
+    assert buffers and all(n.startswith(("blocks.2.", "blocks.3.")) for n in buffers)  # 16 and 32 px only
+    assert not any("noise_strength" in n for n, _ in G.synthesis.blocks[:2].named_parameters())
+    quiet = tiny_generator(resolution=32, noise_min_res=64)  # above the output: no noise anywhere
+    assert not [n for n, _ in quiet.synthesis.named_buffers() if "noise_const" in n]
+    z = torch.randn(2, quiet.z_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = quiet(z, noise_mode="random", generator=torch.Generator().manual_seed(1))
+        assert torch.equal(a, quiet(z, noise_mode="const")) and torch.equal(a, quiet(z, noise_mode="none"))
+    quiet.save_pretrained(tmp_path / "g")
+    back = load_model(tmp_path / "g")
+    assert back.synthesis.blocks[0].conv1.use_noise is False and torch.equal(back(z), quiet(z))
+    with pytest.raises(ValueError, match="noise_min_res"):
+        tiny_generator(noise_min_res=-1)
+
+
 def test_demodulation_keeps_activations_at_unit_scale():
     torch.manual_seed(0)
     x = torch.randn(2, 8, 6, 6)

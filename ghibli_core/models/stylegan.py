@@ -155,14 +155,17 @@ def modulated_conv2d(
 class SynthesisLayer(nn.Module):
     """Modulated, demodulated 3x3 convolution (+ optional 2x upsampling), noise, bias, leaky ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, w_dim: int, resolution: int, up: bool = False):
+    def __init__(self, in_channels: int, out_channels: int, *, w_dim: int, resolution: int, up: bool = False,
+                 use_noise: bool = True):
         super().__init__()
         self.affine = EqualLinear(w_dim, in_channels, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 3, 3))
         self.bias = nn.Parameter(torch.zeros(out_channels))
-        self.noise_strength = nn.Parameter(torch.zeros(()))
-        # Fixed per-layer noise for noise_mode="const" (a projector may optimise it in place).
-        self.register_buffer("noise_const", torch.randn(resolution, resolution))
+        self.use_noise = use_noise
+        if use_noise:
+            self.noise_strength = nn.Parameter(torch.zeros(()))
+            # Fixed per-layer noise for noise_mode="const" (a projector may optimise it in place).
+            self.register_buffer("noise_const", torch.randn(resolution, resolution))
         self.up, self.resolution = up, resolution
         if up:
             self.register_buffer("up_filter", binomial_filter(), persistent=False)
@@ -175,7 +178,9 @@ class SynthesisLayer(nn.Module):
         # bias are one fused op, so the big activations are touched three times, not seven.
         g = _LRELU_GAIN
         x = torch.addcmul((self.bias * g).to(x.dtype).reshape(1, -1, 1, 1), x, (d * g).to(x.dtype).reshape(n, -1, 1, 1))
-        if noise_mode == "random":
+        if not self.use_noise:
+            noise = None
+        elif noise_mode == "random":
             noise = torch.randn((n, 1, self.resolution, self.resolution), generator=generator,
                                 device=x.device, dtype=torch.float32).to(x.dtype)
         elif noise_mode == "const":
@@ -204,15 +209,16 @@ class ToRGB(nn.Module):
 class SynthesisBlock(nn.Module):
     """One resolution: (upsampling conv,) conv, tRGB added to the upsampled image so far."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, w_dim: int, resolution: int):
+    def __init__(self, in_channels: int, out_channels: int, *, w_dim: int, resolution: int, use_noise: bool = True):
         super().__init__()
         self.resolution = resolution
         self.first = resolution == 4
         if self.first:
             self.const = nn.Parameter(torch.randn(out_channels, 4, 4))
         else:
-            self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim=w_dim, resolution=resolution, up=True)
-        self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim=w_dim, resolution=resolution)
+            self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim=w_dim, resolution=resolution, up=True,
+                                        use_noise=use_noise)
+        self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim=w_dim, resolution=resolution, use_noise=use_noise)
         self.torgb = ToRGB(out_channels, w_dim=w_dim)
         self.num_conv = 1 if self.first else 2
 
@@ -267,14 +273,15 @@ class MappingNetwork(nn.Module):
 class SynthesisNetwork(nn.Module):
     """``ws`` ``(N, num_ws, w_dim)`` -> images ``(N, 3, R, R)``."""
 
-    def __init__(self, *, w_dim: int, resolution: int, channel_base: int, channel_max: int):
+    def __init__(self, *, w_dim: int, resolution: int, channel_base: int, channel_max: int, noise_min_res: int = 0):
         super().__init__()
         self.w_dim, self.resolution = w_dim, resolution
         log2 = int(math.log2(resolution))
         self.block_resolutions = [2**i for i in range(2, log2 + 1)]
         ch = {r: channels_at(r, channel_base=channel_base, channel_max=channel_max) for r in self.block_resolutions}
         self.blocks = nn.ModuleList(
-            SynthesisBlock(ch[r // 2] if r > 4 else 0, ch[r], w_dim=w_dim, resolution=r) for r in self.block_resolutions
+            SynthesisBlock(ch[r // 2] if r > 4 else 0, ch[r], w_dim=w_dim, resolution=r, use_noise=r >= noise_min_res)
+            for r in self.block_resolutions
         )
         self.num_ws = sum(b.num_conv for b in self.blocks) + 1
 
@@ -313,6 +320,11 @@ class StyleGAN2Generator(
             configurations).
         mapping_lr_mul: learning-rate multiplier of the mapping layers.
         w_avg_beta: decay of the tracked average ``w`` per training step.
+        noise_min_res: layers below this resolution get no per-pixel noise input (0: every layer,
+            as in the paper). Against a discriminator that judges local patches (the projected
+            one), noise at the coarse layers is the easy way to make varied blobs, and the
+            generator learned to draw its whole layout from it, leaving ``w`` only the colours:
+            useless for projection and walks. Without coarse noise the layout has to come from ``w``.
     """
 
     def __init__(
@@ -326,6 +338,7 @@ class StyleGAN2Generator(
         mapping_layers: int = 8,
         mapping_lr_mul: float = 0.01,
         w_avg_beta: float = 0.995,
+        noise_min_res: int = 0,
     ):
         super().__init__()
         _check_resolution(resolution, "StyleGAN2Generator")
@@ -336,9 +349,11 @@ class StyleGAN2Generator(
             )
         if not 0.0 <= w_avg_beta < 1.0 or mapping_lr_mul <= 0:
             raise ValueError(f"need 0 <= w_avg_beta < 1 and mapping_lr_mul > 0, got {w_avg_beta}, {mapping_lr_mul}")
+        if not isinstance(noise_min_res, int) or noise_min_res < 0:
+            raise ValueError(f"noise_min_res must be a resolution >= 0, got {noise_min_res!r}")
         self.z_dim, self.w_dim, self.resolution = z_dim, w_dim, resolution
         self.synthesis = SynthesisNetwork(w_dim=w_dim, resolution=resolution, channel_base=channel_base,
-                                          channel_max=channel_max)
+                                          channel_max=channel_max, noise_min_res=noise_min_res)
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(z_dim=z_dim, w_dim=w_dim, num_ws=self.num_ws, layers=mapping_layers,
                                       lr_mul=mapping_lr_mul, w_avg_beta=w_avg_beta)

@@ -281,23 +281,26 @@ class JsonlLog:
             f.write(json.dumps(record) + "\n")
 
 
-def open_run_folder(cfg, arch_fields: Sequence[str], accelerator: Accelerator, *, resume: bool) -> None:
+def open_run_folder(cfg, arch_fields: Sequence[str], accelerator: Accelerator, *, resume: bool,
+                    absent: dict | None = None) -> None:
     """Create ``cfg.out`` and write ``train_config.json`` (``cfg.to_json()``), on the main process.
 
-    On ``resume`` the saved config's network settings (``arch_fields``) must match ``cfg``'s;
-    without it, a folder that already holds checkpoints is refused rather than overwritten.
+    On ``resume`` the saved config's network settings (``arch_fields``) must match ``cfg``'s (a
+    field the saved config lacks, written before the field existed, counts as its ``absent``
+    value); without it, a folder that already holds checkpoints is refused rather than overwritten.
     """
+    absent = absent or {}
     out = Path(cfg.out)
     config_path = out / "train_config.json"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if resume and config_path.exists():
             old = json.loads(config_path.read_text())
-            changed = [k for k in arch_fields if old.get(k) != getattr(cfg, k)]
+            changed = [k for k in arch_fields if old.get(k, absent.get(k)) != getattr(cfg, k)]
             if changed:
                 raise ValueError(
                     f"--resume with different network settings than {config_path}: "
-                    + ", ".join(f"{k} {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+                    + ", ".join(f"{k} {old.get(k, absent.get(k))!r} -> {getattr(cfg, k)!r}" for k in changed)
                 )
         elif not resume and list_checkpoints(out / "checkpoints"):
             raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
