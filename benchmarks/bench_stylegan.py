@@ -63,7 +63,7 @@ def _ref_layer(layer: SynthesisLayer, x, w, noise_mode: str, up_mode: str):
         h, wd = x.shape[2:]
         x = F.conv2d(x.reshape(1, n * in_ch, h, wd), wm.reshape(n * out_ch, in_ch, k, k), padding=k // 2, groups=n)
         x = x.reshape(n, out_ch, h, wd)
-    if noise_mode == "const":
+    if noise_mode == "const" and layer.use_noise:  # layers below the generator's noise_min_res have none
         x = x + layer.noise_const * layer.noise_strength
     x = x + layer.bias.reshape(1, -1, 1, 1)
     return F.leaky_relu(x, 0.2) * math.sqrt(2)
