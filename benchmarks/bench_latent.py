@@ -10,10 +10,12 @@ a second).
 
 Run::
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_latent.py [--model ghibli-stylegan2] [--steps 300] \\
-        [--vgg ../shared/weights/vgg19_normalised_relu3_1.safetensors]
+    OMP_NUM_THREADS=2 python benchmarks/bench_latent.py [--model ghibli-stylegan2 [--model runs/x/generator]] \\
+        [--steps 300] [--vgg ../shared/weights/vgg19_normalised_relu3_1.safetensors]
 
-The machine may be shared: compare the ratio; say what else was running.
+Several ``--model`` values run one after another in the same process, so an old and a new
+generator are measured on the same machine in the same state. The machine may be shared:
+compare the ratio; say what else was running.
 """
 from __future__ import annotations
 
@@ -72,7 +74,8 @@ def timed_projection(G, target, *, steps, perceptual) -> tuple[float, float, flo
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=hub.DEFAULT_GAN)
+    p.add_argument("--model", action="append", default=None,
+                   help=f"a generator spec; repeat to measure several in one run (default: {hub.DEFAULT_GAN})")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--vgg", default=str(SHARED_VGG) if SHARED_VGG.exists() else None)
     p.add_argument("--frames", default=str(SHARED_FRAMES) if SHARED_FRAMES.exists() else None,
@@ -80,17 +83,24 @@ def main() -> None:
     p.add_argument("--films", default="howls_moving_castle,kikis_delivery_service,ponyo")
     p.add_argument("--n-frames", type=int, default=6)
     args = p.parse_args()
-    G = hub.load(args.model).float().eval()
     perceptual = None
     if args.vgg:
         from ghibli_core.models import load_vgg
 
         perceptual = load_vgg(args.vgg)
+    for i, spec in enumerate(args.model or [hub.DEFAULT_GAN]):
+        if i:
+            print()
+        bench_model(spec, perceptual, args)
+
+
+def bench_model(spec: str, perceptual, args) -> None:
+    G = hub.load(spec).float().eval()
     # a target the generator can nearly reach but does not start at: another seed's image
     target = render(G, seed_ws(G, [123]))
     with torch.no_grad():
         same = (G.synthesis(seed_ws(G, [5])) - _Textbook(G).synthesis(seed_ws(G, [5]))).abs().max().item()
-    print(f"model {args.model}: {G.resolution} px, {G.num_ws} ws; {torch.get_num_threads()} threads; "
+    print(f"model {spec}: {G.resolution} px, {G.num_ws} ws; {torch.get_num_threads()} threads; "
           f"perceptual {'VGG ' + Path(args.vgg).name if args.vgg else 'none (pixels only)'}; "
           f"ours vs textbook max |diff| {same:.2e}")
     ours = timed_projection(G, target, steps=args.steps, perceptual=perceptual)
