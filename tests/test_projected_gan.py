@@ -312,8 +312,7 @@ def test_blur_fades_and_resumes_exactly(frames, tmp_path):
 
 def test_noise_min_res_trains_resumes_and_is_checked(frames, tmp_path):
     cfg = _cfg(frames, tmp_path / "run", noise_min_res=16, steps=4)
-    out = train_stylegan(_cfg(frames, tmp_path / "run", noise_min_res=16, steps=4), progress=False, cpu=True,
-                         stop_after=2)
+    out = train_stylegan(cfg, progress=False, cpu=True, stop_after=2)
     G = load_model(out)
     assert [b.conv1.use_noise for b in G.synthesis.blocks] == [False, False, True]  # 4, 8, 16 px
     with pytest.raises(ValueError, match="noise_min_res 16 -> 0"):

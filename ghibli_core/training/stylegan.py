@@ -262,8 +262,7 @@ class StyleGANConfig:
 
     def generator_kwargs(self) -> dict:
         return dict(z_dim=self.z_dim, w_dim=self.w_dim, resolution=self.resolution, channel_base=self.channel_base,
-                    channel_max=self.channel_max, mapping_layers=self.mapping_layers,
-                    **({"noise_min_res": self.noise_min_res} if self.noise_min_res else {}))
+                    channel_max=self.channel_max, mapping_layers=self.mapping_layers, noise_min_res=self.noise_min_res)
 
     def discriminator_kwargs(self) -> dict:
         if self.discriminator == "projected":
