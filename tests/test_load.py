@@ -120,7 +120,7 @@ def settled_rss(pid: int) -> float:
     return last
 
 
-@pytest.mark.slow  # about 25 s: a server process and 73 jobs
+@pytest.mark.slow  # about 35 s: a server process and 97 jobs
 def test_eight_clients_at_once_get_their_own_results_and_memory_returns(server_process):
     proc, url, root = server_process
     sources = [photo(root / f"client{i}.png", c) for i, c in enumerate(COLOURS)]
@@ -136,7 +136,7 @@ def test_eight_clients_at_once_get_their_own_results_and_memory_returns(server_p
     job(0)  # warm-up: the model loads on the first request
     before = settled_rss(proc.pid)
     peak, levels = before, []
-    rounds = int(os.environ.get("LOAD_ROUNDS", "9"))
+    rounds = int(os.environ.get("LOAD_ROUNDS", "12"))
     with ThreadPoolExecutor(CLIENTS) as pool:
         for _ in range(rounds):
             futures = [pool.submit(job, i) for i in range(CLIENTS)]
@@ -153,17 +153,21 @@ def test_eight_clients_at_once_get_their_own_results_and_memory_returns(server_p
             levels.append(settled_rss(proc.pid))
     print(f"server RSS: {before:.0f} MB after warm-up, peak {peak:.0f} MB, after each round of {CLIENTS}: "
           + ", ".join(f"{x:.0f}" for x in levels) + " MB")
-    # The first burst sets the high-water marks of the allocator and Gradio's thread pools (about
-    # +40 MB), so the level after it is the baseline. After that the level wanders without trend:
-    # 40 rounds (LOAD_ROUNDS=40) stayed within 454-483 MB here, and one CI run rose 35 MB over 3
-    # rounds before such a plateau; so the check looks over 8 rounds (64 jobs), where a leak of
-    # each job's image and tensors (about 3 MB here) would add about 190 MB. Checked by mutation:
-    # keeping a float32 copy of each photo (1.2 MB a job) in app.py read 451 -> 523 MB and failed.
-    # The smaller of the last two levels steps over a last-moment jump of the allocator.
-    assert len(levels) >= 5, "LOAD_ROUNDS must be at least 5 for the memory check"
-    grown = min(levels[-2:]) - levels[0]
-    assert grown < 60, f"RSS still climbing after the first burst: {[round(x) for x in levels]} MB"
-    assert min(levels[-2:]) - before < 100, f"RSS {before:.0f} MB -> {levels[-1]:.0f} MB after {rounds * CLIENTS} jobs"
+    # The first bursts set the high-water marks of the allocator and Gradio's thread pools, and the
+    # level climbs to a plateau over several rounds: here 40 rounds (LOAD_ROUNDS=40) stayed within
+    # 454-483 MB, one CI run rose 35 MB over its first 3 rounds, another 71 MB over 8 rounds
+    # (481, 510, 531, 531, 542, 552, 552, 552, 553 MB) and then stood still. So the leak check
+    # compares the second half of the rounds with the middle one: over 6 rounds (48 jobs) a leak of
+    # each job's image and tensors (about 3 MB here) adds about 140 MB. Checked by mutation: keeping
+    # three float32 copies of each photo in app.py's stylize_at_photo_size read +138 MB and failed;
+    # one copy (~1 MB a job) read +17 MB, inside the allocator's wander, and passed, so this check
+    # catches leaks of a job's working set, not of a small part of it. The smaller of the last two
+    # levels steps over a last-moment jump of the allocator.
+    assert len(levels) >= 6, "LOAD_ROUNDS must be at least 6 for the memory check"
+    middle = levels[len(levels) // 2 - 1]
+    grown = min(levels[-2:]) - middle
+    assert grown < 50, f"RSS still climbing in the second half of the rounds: {[round(x) for x in levels]} MB"
+    assert min(levels[-2:]) - before < 150, f"RSS {before:.0f} MB -> {levels[-1]:.0f} MB after {rounds * CLIENTS} jobs"
 
 
 def test_a_full_queue_is_a_clear_answer_and_the_rest_finish(tmp_path, weights, monkeypatch):
