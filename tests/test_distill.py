@@ -16,6 +16,7 @@ from ghibli_core.models import ResnetGenerator, load_model, load_vgg
 from ghibli_core.training.distill import (
     DistillConfig,
     DistillCrops,
+    _luma,
     VGGFeatureDiscriminator,
     edge_smoothed,
     keep_resnet_blocks,
@@ -218,6 +219,21 @@ def test_the_student_learns_the_teacher(data, tmp_path):
         assert (net(x) + x).abs().mean() < (net(x) - x).abs().mean()
 
 
+def test_the_luma_term_alone_teaches_where_the_teacher_is_light_and_dark(data, tmp_path):
+    out = tmp_path / "luma"
+    cfg = _cfg(tmp_path, out, steps=100, decay_steps=0, log_every=10, l1_weight=0.0, vgg_weight=0.0, adv_weight=0.0,
+               edge_weight=0.0, photo_colour_weight=0.0, teacher_luma_weight=1.0, lr=2e-2)
+    gen = train_distill(cfg, data, Inverter(), teacher_id="inv", progress=False)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert "l1" not in records[0] and records[-1]["luma"] < 0.5 * records[0]["luma"], records
+    x = torch.from_numpy(np.asarray(Image.open(tmp_path / "photos" / "im0.png").crop((0, 0, 32, 32)))).permute(2, 0, 1)[None]
+    x = x.float() / 127.5 - 1
+    with torch.no_grad():
+        y = load_model(gen)(x)
+    # the inverting teacher's 8x8-block brightness, not the photo's
+    assert (_luma(y) - _luma(-x)).abs().mean() < 0.5 * (_luma(y) - _luma(x)).abs().mean()
+
+
 def test_adversarial_term_waits_for_adv_start(data, tmp_path):
     out = tmp_path / "late"
     train_distill(_cfg(tmp_path, out, steps=4, adv_start=2, save_every=4), data, Inverter(), teacher_id="inv", progress=False)
@@ -235,6 +251,8 @@ def test_config_errors():
         DistillConfig(**base, adv_weight=0.0, edge_weight=1.0)
     with pytest.raises(ValueError, match="multiple of 4"):
         DistillConfig(**base, crop_size=30)
+    with pytest.raises(ValueError, match="teacher_luma_weight"):
+        DistillConfig(**base, teacher_luma_weight=-1.0)
     with pytest.raises(ValueError, match="teacher_recolour"):
         DistillConfig(**base, teacher_recolour=1.5)
     with pytest.raises(ValueError, match="--init"):

@@ -69,6 +69,9 @@ def add_distill_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("losses")
     for name in ("l1_weight", "vgg_weight", "adv_weight", "edge_weight", "photo_colour_weight"):
         g.add_argument("--" + name.replace("_", "-"), type=float, default=d[name])
+    g.add_argument("--teacher-luma-weight", type=float, default=d["teacher_luma_weight"], metavar="W",
+                   help="L1 of the 8x-downscaled luma to the teacher's: holds where light and dark lie "
+                        "(against dark blobs grown by the adversarial term)")
     g.add_argument("--teacher-recolour", type=float, default=d["teacher_recolour"], metavar="S",
                    help="move the teacher's low-frequency chroma this share (0-1) of the way to the photo's: "
                         "keeps its drawing, drops its colour casts (a red sky, a purple floor)")

@@ -18,7 +18,11 @@ generator learns from:
   are blurred are shown to the discriminator as fakes, so crisp outlines count as the style;
 - optionally a low-frequency colour term to the *photo* (``photo_colour_weight``): chroma of
   8x-downscaled output against the input's, against colour casts the teacher or the
-  adversarial term bring in.
+  adversarial term bring in;
+- optionally a low-frequency brightness term to the *teacher* (``teacher_luma_weight``): luma of
+  the 8x-downscaled output against the target's. It leaves outlines and texture to the
+  adversarial term and holds where light and dark lie, against the dark blobs an adversarial
+  term can grow in shadows (a black cat, a dark rock turning into a flat black patch).
 
 The teacher runs once per photo and scale (``teacher_sizes``, short sides), not every step:
 its outputs are cached as ``.npy`` files (uint8, no pickles) keyed by the photo file, the
@@ -133,6 +137,7 @@ class DistillConfig:
     adv_start: int = 0  # steps of pure distillation before the adversarial term starts
     edge_weight: float = 0.0
     photo_colour_weight: float = 0.0
+    teacher_luma_weight: float = 0.0
     teacher_recolour: float = 0.0  # share of the teacher's low-frequency chroma replaced by the photo's
     # optimisation
     steps: int = 3000
@@ -168,7 +173,8 @@ class DistillConfig:
             )
         if self.frames_size < self.crop_size:
             raise ValueError(f"frames_size ({self.frames_size}) must be at least crop_size ({self.crop_size})")
-        for name in ("l1_weight", "vgg_weight", "adv_weight", "edge_weight", "photo_colour_weight"):
+        for name in ("l1_weight", "vgg_weight", "adv_weight", "edge_weight", "photo_colour_weight",
+                     "teacher_luma_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.init_blocks is not None:
@@ -354,6 +360,12 @@ def _hinge_d(real: list[torch.Tensor], fake: list[torch.Tensor]) -> torch.Tensor
 
 def _mean_logit(maps: list[torch.Tensor]) -> torch.Tensor:
     return sum(m.mean() for m in maps) / len(maps)
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB in [-1, 1] -> (N, 1, H/8, W/8) Y of the 8x-downscaled image."""
+    x = F.avg_pool2d(x, 8)
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
 
 
 def _chroma(x: torch.Tensor) -> torch.Tensor:
@@ -549,6 +561,8 @@ def train_distill(
                 losses["adv"] = -_mean_logit(critic(fake, f_fake)) * cfg.adv_weight
             if cfg.photo_colour_weight > 0:
                 losses["colour"] = F.l1_loss(_chroma(fake.float()), _chroma(photo.float())) * cfg.photo_colour_weight
+            if cfg.teacher_luma_weight > 0:
+                losses["luma"] = F.l1_loss(_luma(fake.float()), _luma(target.float())) * cfg.teacher_luma_weight
             loss_g = sum(v for k, v in losses.items() if k not in ("d", "d_real", "d_fake"))
         opt_g.zero_grad(set_to_none=True)
         accelerator.backward(loss_g)
