@@ -4,6 +4,7 @@
                                               frames and near-duplicates dropped, 256 px squares
 ``prepare images DIR... --out DIR``           the same clean-up for photos (EXIF, RGB, size)
 ``prepare palette DIR [--out DIR]``           HSL K-means palettes, warmth, groups, contact sheets
+``prepare overlap DIR --held-out A,B``        held-out frames that share a shot with training frames
 
 Each writes or updates ``DIR/manifest.jsonl`` (one line per image), a dataset card
 (``DIR/README.md``) and its job record ``DIR/.prepare.json`` (sources, settings, progress), so an
@@ -95,6 +96,18 @@ def _add(p: argparse.ArgumentParser) -> None:
     pl.add_argument("--sheet-thumb", type=int, default=128, help="contact sheet thumbnail size (default 128)")
     pl.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="tag every image (repeatable)")
 
+    o = sub.add_parser("overlap", help="held-out frames that share a shot with training frames", description=(
+        "Compare the frames of held-out sub-folders of DIR with the rest (the training frames): a held-out "
+        "frame whose grey thumbnail correlates above --threshold with a training frame is the same shot (a "
+        "compilation or trailer repeating a held-out film). Prints them, most similar first, and the --exclude "
+        "arguments that drop them from `evaluate` (or their nearest training frames from `train`)."))
+    o.add_argument("dir", metavar="DIR", help="a folder of frames with one sub-folder per film")
+    o.add_argument("--held-out", required=True, metavar="A,B,...", help="comma-separated sub-folders held out")
+    o.add_argument("--threshold", type=float, default=0.85,
+                   help="thumbnail correlation above which two frames are one shot (default 0.85)")
+    o.add_argument("--sheet", metavar="OUT.png", help="also draw the pairs: held-out frame | training frame")
+    o.add_argument("--json", metavar="OUT.json", help="also write the pairs as JSON")
+
 
 @command("prepare", "films and photo folders -> curated training sets (frames, images, palette)", _add)
 def run(args: argparse.Namespace) -> int:
@@ -104,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_images(args)
     if args.step == "palette":
         return _run_palette(args)
+    if args.step == "overlap":
+        return _run_overlap(args)
     raise ValueError(f"unknown prepare step {args.step!r}")
 
 
@@ -551,4 +566,46 @@ def _run_palette(args: argparse.Namespace) -> int:
         print(f"{len(failures)} image(s) could not be read (see the errors above); the others were analysed",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def _run_overlap(args: argparse.Namespace) -> int:
+    import shlex
+
+    from ..data.overlap import pairs_sheet, shared_shots
+    from ..imaging import list_images
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
+    held = [f.strip().strip("/") for f in args.held_out.split(",") if f.strip()]
+    if not held:
+        raise ValueError("--held-out names no sub-folder")
+    missing = [f for f in held if not (root / f).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)}: no such sub-folder of {root}")
+    images = list_images(root)
+    rel = {p: p.relative_to(root).as_posix() for p in images}
+    held_out = [p for p in images if rel[p].split("/")[0] in held]
+    training = [p for p in images if rel[p].split("/")[0] not in held]
+    if not held_out or not training:
+        raise ValueError(f"{root}: need frames both in {', '.join(held)} and outside them")
+    shots = shared_shots(training, held_out, threshold=args.threshold, progress=sys.stderr.isatty())
+    print(f"{len(shots)} of {len(held_out)} held-out frames share a shot with one of the {len(training)} training "
+          f"frames (thumbnail correlation > {args.threshold:g})" + (":" if shots else ""))
+    for s in shots:
+        print(f"  {s.correlation:.3f}  {rel[s.held_out]}  {rel[s.training]}")
+    if shots:
+        print("drop them from the evaluation:  evaluate ... " + " ".join(
+            f"--exclude {shlex.quote(rel[s.held_out])}" for s in shots))
+        print("or their nearest training frames from training:  train ... --exclude " + " ".join(
+            shlex.quote(t) for t in sorted({rel[s.training] for s in shots})))
+        if args.sheet:
+            print(f"pairs drawn in {pairs_sheet(shots, Path(args.sheet))}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"threshold": args.threshold, "held_out": held, "held_out_frames": len(held_out),
+             "training_frames": len(training),
+             "shared": [{"held_out": rel[s.held_out], "training": rel[s.training],
+                         "correlation": round(s.correlation, 4)} for s in shots]}, indent=2) + "\n")
     return 0
