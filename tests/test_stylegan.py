@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -20,7 +21,7 @@ from ghibli_core.models import MODELS, CheckpointError, StyleGAN2Discriminator, 
 from ghibli_core.models.stylegan import SynthesisLayer, minibatch_stddev, modulated_conv2d
 from ghibli_core.training.common import list_checkpoints
 from ghibli_core.training.augment import AdaptiveAugment, ada_augment, diff_augment, gaussian_blur
-from ghibli_core.training.stylegan import GeneratorEvaluator, StyleGANConfig, train_stylegan
+from ghibli_core.training.stylegan import GeneratorEvaluator, StyleGANConfig, grow_into, train_stylegan
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(z_dim=16, w_dim=16, mapping_layers=2, channel_base=128, channel_max=16)
@@ -409,6 +410,29 @@ def test_refuses_to_clobber_or_change_architecture(frames, tmp_path):
         train_stylegan(_cfg(frames, tmp_path / "ft", steps=2), init_generator=tiny_generator(32), progress=False, cpu=True)
 
 
+def test_a_grown_generator_starts_as_the_small_ones_image_upsampled():
+    small = tiny_generator(16, seed=1, noise_min_res=8)
+    with torch.no_grad():
+        small.mapping.w_avg.normal_()
+    big = StyleGAN2Generator(resolution=32, **TINY, noise_min_res=8)
+    grow_into(big, small)
+    z = z_of(3)
+    with torch.no_grad():
+        want = F.interpolate(small(z, truncation_psi=0.7, noise_mode="const"), scale_factor=2, mode="bilinear",
+                             align_corners=False)
+        got = big.eval()(z, truncation_psi=0.7, noise_mode="const")
+    assert got.shape == (3, 3, 32, 32) and torch.allclose(got, want, atol=1e-5)
+    # the new block learns: its tRGB gets a gradient at once
+    big.train()(z).square().mean().backward()
+    assert big.synthesis.blocks[-1].torgb.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="does not fit"):
+        grow_into(StyleGAN2Generator(resolution=32, **{**TINY, "channel_max": 8}), small)
+    with pytest.raises(ValueError, match="does not fit"):  # noise inputs where the small one has none
+        grow_into(StyleGAN2Generator(resolution=32, **TINY), small)
+    with pytest.raises(ValueError, match="lower-resolution"):
+        grow_into(tiny_generator(16), small)
+
+
 # -- the command line -------------------------------------------------------------------------
 def _cli(frames, out, *extra) -> int:
     return cli_main([
@@ -451,10 +475,17 @@ def test_cli_end_to_end(frames, tmp_path, capsys):
     db = load_file(str(ft / "discriminator" / "model.safetensors"))
     assert all(torch.allclose(da[k], db[k], atol=1e-6) for k in da)
 
+    # growing: a larger --resolution than --init's adds blocks; the 16 px discriminator is not reused
     capsys.readouterr()
+    grown = tmp_path / "grown"
+    assert cli_main(["train", "stylegan", "--data", str(frames), "--out", str(grown), "--init", str(out),
+                     "--resolution", "32", "--steps", "1", "--batch-size", "2", "--cpu", "--num-samples", "2"]) == 0
+    assert "growing its 16px generator to 32px" in capsys.readouterr().out
+    assert load_model(grown / "generator").resolution == 32
+    assert json.loads((grown / "train_config.json").read_text())["channel_max"] == 16
     assert cli_main(["train", "stylegan", "--data", str(frames), "--out", str(tmp_path / "bad"), "--init", str(out),
-                     "--resolution", "32", "--cpu"]) == 2
-    assert "16px generator" in capsys.readouterr().err
+                     "--resolution", "8", "--cpu"]) == 2
+    assert "grown, not shrunk" in capsys.readouterr().err
     assert cli_main(["train", "stylegan", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "bad2"),
                      "--resolution", "16", "--cpu"]) == 2
 

@@ -30,6 +30,10 @@ Examples::
     # fine-tune from a trained generator (a run folder, a checkpoint folder or a Hub repo)
     python -m ghibli_core train stylegan --data frames/ --init runs/stylegan64 --out runs/ft
 
+    # grow it: a larger --resolution than --init's adds the finer blocks, whose RGB outputs start at
+    # zero (the 64 px layout, upsampled, then detail); the discriminator starts fresh at 128 px
+    python -m ghibli_core train stylegan --data frames/ --init runs/stylegan64 --resolution 128 --out runs/sg128
+
     # several GPUs (gradients averaged across processes)
     accelerate launch --multi_gpu -m ghibli_core train stylegan --data frames/ --resolution 256 --out runs/sg
 
@@ -223,8 +227,9 @@ def _architecture(args: argparse.Namespace, G, D, defaults: dict) -> dict:
             value = {"d_channel_base": arch["channel_base"], "d_channel_max": arch["channel_max"]}.get(key, defaults[key])
         arch[key] = value
     resolution = args.resolution if args.resolution is not None else (G.resolution if G is not None else defaults["resolution"])
-    if G is not None and G.resolution != resolution:
-        raise ValueError(f"--init {args.init} is a {G.resolution}px generator, but --resolution is {resolution}")
+    if G is not None and G.resolution > resolution:
+        raise ValueError(f"--init {args.init} is a {G.resolution}px generator, but --resolution is {resolution}: "
+                         "a generator can be grown, not shrunk")
     arch["resolution"] = resolution
     # the discriminator: explicit, else the --init checkpoint's kind, else the default
     kind = args.discriminator or ("projected" if isinstance(D, ProjectedDiscriminator) else defaults["discriminator"])
@@ -270,6 +275,11 @@ def run_stylegan(args: argparse.Namespace) -> int:
         # e.g. a generator trained against StyleGAN2's discriminator, continued against a projected one
         print(f"--init {args.init}: its discriminator is a {type(D).__name__}; a new {args.discriminator} "
               "discriminator starts from scratch")
+        D = None
+    growing = G is not None and args.resolution is not None and args.resolution > G.resolution
+    if growing and D is not None and not args.init_discriminator:
+        print(f"--init {args.init}: growing its {G.resolution}px generator to {args.resolution}px; "
+              f"its discriminator judged {G.resolution}px images, a new one starts from scratch")
         D = None
     arch = _architecture(args, G, D, defaults)
     cfg = StyleGANConfig(

@@ -389,6 +389,35 @@ def _load_init(net: torch.nn.Module, init: torch.nn.Module, what: str, spec: str
     net.load_state_dict({k: v.to(own[k].dtype) for k, v in theirs.items()})
 
 
+def grow_into(net: StyleGAN2Generator, small: StyleGAN2Generator, spec: str | None = None) -> None:
+    """Start ``net`` from a lower-resolution generator of the same widths (progressive growing).
+
+    The mapping network and the blocks up to ``small``'s resolution are copied; the new, finer
+    blocks keep their fresh weights except their tRGB layers, which start at zero, so at first
+    ``net`` draws exactly ``small``'s image upsampled (bilinear, as the skip outputs are) and the
+    new blocks learn only the detail on top. The cheaper low-resolution run decides the layout.
+    """
+    if small.resolution >= net.resolution:
+        raise ValueError(f"--init {spec or ''}: growing needs a lower-resolution generator, got {small.resolution}px "
+                         f"for {net.resolution}px")
+    own, theirs = net.state_dict(), small.state_dict()
+    new = tuple(f"synthesis.blocks.{i}." for i in range(len(small.synthesis.blocks), len(net.synthesis.blocks)))
+    missing = sorted(set(theirs) ^ {k for k in own if not k.startswith(new)})
+    bad = missing + sorted(k for k in theirs.keys() & own.keys() if own[k].shape != theirs[k].shape)
+    if bad:
+        raise ValueError(
+            f"--init {spec or ''}: the {small.resolution}px generator does not fit the configured {net.resolution}px "
+            f"one (differing keys or shapes: {', '.join(bad[:5])}{'...' if len(bad) > 5 else ''}); use the same "
+            "z/w sizes, mapping layers, channel base and max, and noise_min_res as the checkpoint"
+        )
+    net.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in theirs.items()}})
+    with torch.no_grad():
+        for block in net.synthesis.blocks:
+            if block.resolution > small.resolution:
+                block.torgb.weight.zero_()
+                block.torgb.bias.zero_()
+
+
 def _check_discriminator_kind(cfg: StyleGANConfig) -> None:
     # a run folder from before the option has no "discriminator" key: it trained a StyleGAN2 one
     path = Path(cfg.out) / "train_config.json"
@@ -437,7 +466,9 @@ def train_stylegan(
     G = StyleGAN2Generator(**cfg.generator_kwargs())
     D = cfg.build_discriminator()
     if not resume:
-        if init_generator is not None:
+        if init_generator is not None and init_generator.resolution < cfg.resolution:
+            grow_into(G, init_generator, cfg.init)
+        elif init_generator is not None:
             _load_init(G, init_generator, "generator", cfg.init)
         if init_discriminator is not None:
             _load_init(D, init_discriminator, "discriminator", cfg.init)
