@@ -279,6 +279,13 @@ def test_diffaugment():
     assert a.shape == x.shape
     zero_fraction = float((a == 0).all(1).float().mean())
     assert 0.1 < zero_fraction < 0.6  # a half-side square (a quarter) plus translation padding
+    # without the colour step a flat colour stays that colour where it is not cut out or padded
+    flat = torch.full((4, 3, 16, 16), 0.4)
+    kept = AdaptiveAugment("diffaugment-nocolour")(flat, generator=torch.Generator().manual_seed(0))
+    shown = kept[(kept != 0).any(1, keepdim=True).expand_as(kept)]
+    assert shown.numel() > 0.3 * flat.numel() and torch.allclose(shown, torch.tensor(0.4))
+    coloured = AdaptiveAugment("diffaugment")(flat, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(coloured[coloured != 0], torch.tensor(0.4))
 
 
 def test_gaussian_blur():

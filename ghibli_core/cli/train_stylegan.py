@@ -146,7 +146,7 @@ def add_stylegan_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--augment", choices=list(POLICIES), default=None,
                    help="ada: adaptive probability (r_t heuristic; the default); fixed: ADA transforms at --augment-p; "
                         "diffaugment: colour, translation, cutout on every image (the default with --discriminator "
-                        "projected); none")
+                        "projected); diffaugment-nocolour: translation and cutout only; none")
     g.add_argument("--augment-p", type=float, default=d["augment_p"], help="initial (ada) or constant (fixed) p")
     g.add_argument("--ada-target", type=float, default=d["ada_target"], help="target r_t = E[sign(D(real))]")
     g.add_argument("--ada-interval", type=int, default=d["ada_interval"], help="steps between p adjustments")

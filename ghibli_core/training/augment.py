@@ -23,7 +23,8 @@ still learns the un-augmented distribution. Two policies:
 - ``diffaugment`` (Zhao et al. 2020, "Differentiable Augmentation for Data-Efficient GAN
   Training"), policy "color,translation,cutout" applied to every image: random brightness,
   saturation and contrast, a translation by up to 1/8 with zero padding, and a cutout of half the
-  side.
+  side; ``diffaugment-nocolour`` keeps the translation and cutout only, for a discriminator that
+  must see colour (a projected one's ImageNet features are trained to ignore much of it already).
 
 All randomness comes from a ``torch.Generator`` passed to each call (the trainer derives one per
 step), so a run resumes exactly. Images are ``(N, 3, H, W)`` in [-1, 1] (any float dtype);
@@ -36,7 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-POLICIES = ("ada", "fixed", "diffaugment", "none")
+POLICIES = ("ada", "fixed", "diffaugment", "diffaugment-nocolour", "none")
 
 # The "bgc" transforms and their strengths (StyleGAN2-ADA's defaults).
 ADA_TRANSFORMS = (
@@ -278,7 +279,7 @@ class AdaptiveAugment:
 
     Args:
         policy: ``"ada"`` (adaptive ``p``), ``"fixed"`` (the ADA transforms at a constant ``p``),
-            ``"diffaugment"`` or ``"none"``.
+            ``"diffaugment"``, ``"diffaugment-nocolour"`` (translation and cutout) or ``"none"``.
         p: the initial (``ada``) or constant (``fixed``) probability.
         target: the ``r_t`` the controller aims for (0.6 in the paper).
         interval: steps between adjustments (4 in the paper).
@@ -307,8 +308,8 @@ class AdaptiveAugment:
         """Augment ``(N, 3, H, W)`` images in [-1, 1]; ``generator`` is a CPU ``torch.Generator``."""
         if self.policy in ("ada", "fixed"):
             return ada_augment(x, self.p, generator=generator)
-        if self.policy == "diffaugment":
-            return diff_augment(x, generator=generator)
+        if self.policy in ("diffaugment", "diffaugment-nocolour"):
+            return diff_augment(x, generator=generator, colour=self.policy == "diffaugment")
         return x
 
     @property
