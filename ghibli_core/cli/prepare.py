@@ -109,7 +109,7 @@ def _add(p: argparse.ArgumentParser) -> None:
     o.add_argument("--json", metavar="OUT.json", help="also write the pairs as JSON")
 
 
-@command("prepare", "films and photo folders -> curated training sets (frames, images, palette)", _add)
+@command("prepare", "films and photo folders -> curated training sets (frames, images, palette, overlap)", _add)
 def run(args: argparse.Namespace) -> int:
     if args.step == "frames":
         return _run_frames(args)

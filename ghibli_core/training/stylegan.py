@@ -183,7 +183,7 @@ class StyleGANConfig:
     ema_kimg: float | None = None  # None: batch over all processes * 10 / 32 (ADA)
     ema_rampup: float | None = 0.05
     # augmentation
-    augment: str | None = None  # ada | fixed | diffaugment | none; None: ada, diffaugment when projected
+    augment: str | None = None  # ada | fixed | diffaugment | diffaugment-nocolour | none; None: ada, diffaugment when projected
     augment_p: float = 0.0
     ada_target: float = 0.6
     ada_interval: int = 4
