@@ -378,15 +378,19 @@ class GeneratorEvaluator:
         }
 
 
-def _load_init(net: torch.nn.Module, init: torch.nn.Module, what: str, spec: str | None) -> None:
+def _load_init(net: torch.nn.Module, init: torch.nn.Module, what: str, spec: str | None, *,
+               fresh: tuple[str, ...] = (), hint: str = "use the same resolution and widths as the checkpoint") -> None:
+    """Copy ``init``'s weights into ``net``; keys starting with a ``fresh`` prefix may be absent
+    from ``init`` and keep ``net``'s values. Any other differing key or shape is an error."""
     own, theirs = net.state_dict(), init.state_dict()
-    bad = sorted(set(own) ^ set(theirs)) + sorted(k for k in own.keys() & theirs.keys() if own[k].shape != theirs[k].shape)
+    expected = {k for k in own if not k.startswith(fresh)} if fresh else set(own)
+    bad = sorted(expected ^ set(theirs)) + sorted(k for k in own.keys() & theirs.keys() if own[k].shape != theirs[k].shape)
     if bad:
         raise ValueError(
             f"--init {spec or ''}: the {what} does not fit the configured network (differing keys or shapes: "
-            f"{', '.join(bad[:5])}{'...' if len(bad) > 5 else ''}); use the same resolution and widths as the checkpoint"
+            f"{', '.join(bad[:5])}{'...' if len(bad) > 5 else ''}); {hint}"
         )
-    net.load_state_dict({k: v.to(own[k].dtype) for k, v in theirs.items()})
+    net.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in theirs.items()}})
 
 
 def grow_into(net: StyleGAN2Generator, small: StyleGAN2Generator, spec: str | None = None) -> None:
@@ -400,22 +404,14 @@ def grow_into(net: StyleGAN2Generator, small: StyleGAN2Generator, spec: str | No
     if small.resolution >= net.resolution:
         raise ValueError(f"--init {spec or ''}: growing needs a lower-resolution generator, got {small.resolution}px "
                          f"for {net.resolution}px")
-    own, theirs = net.state_dict(), small.state_dict()
-    new = tuple(f"synthesis.blocks.{i}." for i in range(len(small.synthesis.blocks), len(net.synthesis.blocks)))
-    missing = sorted(set(theirs) ^ {k for k in own if not k.startswith(new)})
-    bad = missing + sorted(k for k in theirs.keys() & own.keys() if own[k].shape != theirs[k].shape)
-    if bad:
-        raise ValueError(
-            f"--init {spec or ''}: the {small.resolution}px generator does not fit the configured {net.resolution}px "
-            f"one (differing keys or shapes: {', '.join(bad[:5])}{'...' if len(bad) > 5 else ''}); use the same "
-            "z/w sizes, mapping layers, channel base and max, and noise_min_res as the checkpoint"
-        )
-    net.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in theirs.items()}})
+    new = range(len(small.synthesis.blocks), len(net.synthesis.blocks))
+    _load_init(net, small, f"{small.resolution}px generator", spec,
+               fresh=tuple(f"synthesis.blocks.{i}." for i in new),
+               hint="use the same z/w sizes, mapping layers, channel base and max, and noise_min_res as the checkpoint")
     with torch.no_grad():
-        for block in net.synthesis.blocks:
-            if block.resolution > small.resolution:
-                block.torgb.weight.zero_()
-                block.torgb.bias.zero_()
+        for i in new:
+            net.synthesis.blocks[i].torgb.weight.zero_()
+            net.synthesis.blocks[i].torgb.bias.zero_()
 
 
 def _check_discriminator_kind(cfg: StyleGANConfig) -> None:
