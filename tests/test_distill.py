@@ -205,6 +205,12 @@ def test_resume_is_exact_and_the_run_folder_is_complete(data, tmp_path, discrimi
         train_distill(_cfg(tmp_path, tmp_path / "a", width=8, **kw), data, Inverter(), teacher_id="inv", progress=False, resume=True)
 
 
+def _photo_crop(tmp_path) -> torch.Tensor:
+    """The first test photo's top-left 32x32 as a (1, 3, 32, 32) tensor in [-1, 1]."""
+    x = torch.from_numpy(np.array(Image.open(tmp_path / "photos" / "im0.png").crop((0, 0, 32, 32)))).permute(2, 0, 1)
+    return x[None].float() / 127.5 - 1
+
+
 def test_the_student_learns_the_teacher(data, tmp_path):
     out = tmp_path / "run"
     cfg = _cfg(tmp_path, out, steps=100, decay_steps=0, log_every=10, adv_weight=0.0, edge_weight=0.0,
@@ -213,8 +219,7 @@ def test_the_student_learns_the_teacher(data, tmp_path):
     losses = [json.loads(line)["l1"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.5 * losses[0], losses
     net = load_model(gen)
-    x = torch.from_numpy(np.asarray(Image.open(tmp_path / "photos" / "im0.png").crop((0, 0, 32, 32)))).permute(2, 0, 1)[None]
-    x = x.float() / 127.5 - 1
+    x = _photo_crop(tmp_path)
     with torch.no_grad():
         assert (net(x) + x).abs().mean() < (net(x) - x).abs().mean()
 
@@ -226,8 +231,7 @@ def test_the_luma_term_alone_teaches_where_the_teacher_is_light_and_dark(data, t
     gen = train_distill(cfg, data, Inverter(), teacher_id="inv", progress=False)
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert "l1" not in records[0] and records[-1]["luma"] < 0.5 * records[0]["luma"], records
-    x = torch.from_numpy(np.asarray(Image.open(tmp_path / "photos" / "im0.png").crop((0, 0, 32, 32)))).permute(2, 0, 1)[None]
-    x = x.float() / 127.5 - 1
+    x = _photo_crop(tmp_path)
     with torch.no_grad():
         y = load_model(gen)(x)
     # the inverting teacher's 8x8-block brightness, not the photo's

@@ -362,18 +362,21 @@ def _mean_logit(maps: list[torch.Tensor]) -> torch.Tensor:
     return sum(m.mean() for m in maps) / len(maps)
 
 
+def _y(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB -> (N, H, W) luma (BT.601 weights)."""
+    return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+
+
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) RGB in [-1, 1] -> (N, 1, H/8, W/8) Y of the 8x-downscaled image."""
-    x = F.avg_pool2d(x, 8)
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+    return _y(F.avg_pool2d(x, 8))[:, None]
 
 
 def _chroma(x: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) RGB in [-1, 1] -> (N, 2, H/8, W/8) U, V of the 8x-downscaled image."""
     x = F.avg_pool2d(x, 8)
-    r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    y = 0.299 * r + 0.587 * g + 0.114 * b
-    return torch.stack([0.492 * (b - y), 0.877 * (r - y)], 1)
+    y = _y(x)
+    return torch.stack([0.492 * (x[:, 2] - y), 0.877 * (x[:, 0] - y)], 1)
 
 
 class _AugState:
