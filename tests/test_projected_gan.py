@@ -331,6 +331,24 @@ def test_noise_min_res_trains_resumes_and_is_checked(frames, tmp_path):
         _cfg(frames, tmp_path / "bad", noise_min_res=-8)
 
 
+def test_input_mode_trains_and_is_checked_on_resume(frames, tmp_path):
+    out = train_stylegan(_cfg(frames, tmp_path / "run", input_mode="mapped", steps=4), progress=False, cpu=True,
+                         stop_after=2)
+    assert load_model(out).synthesis.blocks[0].mapped
+    with pytest.raises(ValueError, match="input_mode 'mapped' -> 'const'"):
+        train_stylegan(_cfg(frames, tmp_path / "run", steps=4), progress=False, cpu=True, resume=True)
+    train_stylegan(_cfg(frames, tmp_path / "run", input_mode="mapped", steps=4), progress=False, cpu=True, resume=True)
+    # a run folder written before the option existed resumes as const
+    old = tmp_path / "old"
+    train_stylegan(_cfg(frames, old, steps=4), progress=False, cpu=True, stop_after=2)
+    saved = json.loads((old / "train_config.json").read_text())
+    del saved["input_mode"]
+    (old / "train_config.json").write_text(json.dumps(saved))
+    train_stylegan(_cfg(frames, old, steps=4), progress=False, cpu=True, resume=True)
+    with pytest.raises(ValueError, match="input_mode must be one of"):
+        _cfg(frames, tmp_path / "bad", input_mode="x")
+
+
 def test_a_run_folder_from_before_the_option_resumes_as_stylegan2(frames, tmp_path):
     out = tmp_path / "old"
     out.mkdir()
@@ -388,12 +406,13 @@ PROJECTED_FLAGS = ("--discriminator", "projected", "--projected-backbone", "tiny
 
 def test_cli_flag(frames, tmp_path, capsys):
     out = tmp_path / "run"
-    assert _cli(frames, out, *PROJECTED_FLAGS, "--steps", "4", "--stop-after", "2") == 0
+    assert _cli(frames, out, *PROJECTED_FLAGS, "--input-mode", "mapped", "--steps", "4", "--stop-after", "2") == 0
     # resuming takes the discriminator from the run
     assert _cli(frames, out, "--steps", "4", "--resume") == 0
     config = json.loads((out / "train_config.json").read_text())
     assert config["discriminator"] == "projected" and config["projected_backbone"] == "tiny"
     assert config["projected_pretrained"] is False and config["augment"] == "diffaugment" and config["g_lr"] == 0.002
+    assert config["input_mode"] == "mapped" and load_model(out / "generator").synthesis.blocks[0].mapped
     assert isinstance(load_model(out / "discriminator"), ProjectedDiscriminator)
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4]
 

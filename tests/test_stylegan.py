@@ -219,6 +219,35 @@ def test_minibatch_stddev_groups():
     assert minibatch_stddev(torch.randn(1, 4, 4, 4), 4)[:, 4].abs().max() < 1e-3  # one sample: no spread
 
 
+def test_mapped_input_puts_the_layout_in_w(tmp_path):
+    G = tiny_generator(input_mode="mapped")
+    first = G.synthesis.blocks[0]
+    assert not hasattr(first, "const") and first.input.weight.shape == (16 * 16, 16)
+    ws = G.mapping(z_of(2)).clone()
+    with torch.no_grad():
+        # the 4x4 input differs between latents (a const input is the same tensor for all)
+        inputs = first.input(ws[:, 0]).reshape(2, -1, 4, 4)
+        assert inputs.shape == (2, 16, 4, 4) and (inputs[0] - inputs[1]).abs().mean() > 0.1
+        # changing only the input's linear map changes the image: the input is used
+        a = G.synthesis(ws)
+        first.input.bias.add_(1.0)
+        assert (G.synthesis(ws) - a).abs().mean() > 1e-3
+    G.save_pretrained(tmp_path / "g")
+    back = load_model(tmp_path / "g")
+    assert back.synthesis.blocks[0].mapped and torch.equal(back.synthesis(ws), G.synthesis(ws))
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["input_mode"] == "mapped"
+    # a checkpoint written before the option (no input_mode in its config) loads as const
+    const = tiny_generator()
+    const.save_pretrained(tmp_path / "c")
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    del config["input_mode"]
+    (tmp_path / "c" / "config.json").write_text(json.dumps(config))
+    old = load_model(tmp_path / "c")
+    assert not old.synthesis.blocks[0].mapped and torch.equal(old(z_of(2)), const(z_of(2)))
+    with pytest.raises(ValueError, match="input_mode must be one of const, mapped"):
+        tiny_generator(input_mode="learned")
+
+
 def test_save_load_round_trip(tmp_path):
     from ghibli_core import hub
 

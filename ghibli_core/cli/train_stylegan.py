@@ -55,7 +55,8 @@ from pathlib import Path
 
 # CLI option -> (generator or discriminator config key) for the options --init can fill in.
 _G_ARCH = {"z_dim": "z_dim", "w_dim": "w_dim", "mapping_layers": "mapping_layers",
-           "channel_base": "channel_base", "channel_max": "channel_max", "noise_min_res": "noise_min_res"}
+           "channel_base": "channel_base", "channel_max": "channel_max", "noise_min_res": "noise_min_res",
+           "input_mode": "input_mode"}
 _D_ARCH = {"d_channel_base": "channel_base", "d_channel_max": "channel_max", "mbstd_group": "mbstd_group"}
 # ...and for a projected discriminator (CLI option -> its config key).
 _P_ARCH = {"projected_backbone": "backbone", "projected_feature_size": "feature_size",
@@ -95,6 +96,9 @@ def add_stylegan_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise-min-res", type=int, default=None,
                    help="no per-pixel noise inputs below this resolution, so the layout must come from w "
                         f"(recommended with --discriminator projected: 32 or 64; {d['noise_min_res']}: every layer)")
+    g.add_argument("--input-mode", choices=["const", "mapped"], default=None,
+                   help=f"the generator's 4x4 input: const (the paper's learned tensor) or mapped (a linear function "
+                        f"of w, so w places the coarse layout directly) ({d['input_mode']})")
     g.add_argument("--d-channel-base", type=int, default=None, help="discriminator (default: the generator's)")
     g.add_argument("--d-channel-max", type=int, default=None, help="discriminator (default: the generator's)")
     g.add_argument("--mbstd-group", type=int, default=None, help=f"minibatch-stddev group size ({d['mbstd_group']})")

@@ -206,14 +206,21 @@ class ToRGB(nn.Module):
         return x + self.bias.to(x.dtype).reshape(1, 3, 1, 1)
 
 
+INPUT_MODES = ("const", "mapped")
+
+
 class SynthesisBlock(nn.Module):
     """One resolution: (upsampling conv,) conv, tRGB added to the upsampled image so far."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, w_dim: int, resolution: int, use_noise: bool = True):
+    def __init__(self, in_channels: int, out_channels: int, *, w_dim: int, resolution: int, use_noise: bool = True,
+                 input_mode: str = "const"):
         super().__init__()
         self.resolution = resolution
         self.first = resolution == 4
-        if self.first:
+        self.mapped = self.first and input_mode == "mapped"
+        if self.mapped:  # the 4x4 input is a linear function of the block's w
+            self.input = EqualLinear(w_dim, out_channels * 16)
+        elif self.first:
             self.const = nn.Parameter(torch.randn(out_channels, 4, 4))
         else:
             self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim=w_dim, resolution=resolution, up=True,
@@ -224,7 +231,10 @@ class SynthesisBlock(nn.Module):
 
     def forward(self, x, img, ws: torch.Tensor, *, noise_mode: str, generator):
         # ws: (N, num_conv + 1, w_dim); the tRGB shares its w with the next block's first conv
-        if self.first:
+        if self.mapped:
+            x = self.input(ws[:, 0]).reshape(ws.shape[0], -1, 4, 4)
+            x = self.conv1(x, ws[:, 0], noise_mode=noise_mode, generator=generator)
+        elif self.first:
             x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
             x = self.conv1(x, ws[:, 0], noise_mode=noise_mode, generator=generator)
         else:
@@ -273,14 +283,16 @@ class MappingNetwork(nn.Module):
 class SynthesisNetwork(nn.Module):
     """``ws`` ``(N, num_ws, w_dim)`` -> images ``(N, 3, R, R)``."""
 
-    def __init__(self, *, w_dim: int, resolution: int, channel_base: int, channel_max: int, noise_min_res: int = 0):
+    def __init__(self, *, w_dim: int, resolution: int, channel_base: int, channel_max: int, noise_min_res: int = 0,
+                 input_mode: str = "const"):
         super().__init__()
         self.w_dim, self.resolution = w_dim, resolution
         log2 = int(math.log2(resolution))
         self.block_resolutions = [2**i for i in range(2, log2 + 1)]
         ch = {r: channels_at(r, channel_base=channel_base, channel_max=channel_max) for r in self.block_resolutions}
         self.blocks = nn.ModuleList(
-            SynthesisBlock(ch[r // 2] if r > 4 else 0, ch[r], w_dim=w_dim, resolution=r, use_noise=r >= noise_min_res)
+            SynthesisBlock(ch[r // 2] if r > 4 else 0, ch[r], w_dim=w_dim, resolution=r, use_noise=r >= noise_min_res,
+                           input_mode=input_mode)
             for r in self.block_resolutions
         )
         self.num_ws = sum(b.num_conv for b in self.blocks) + 1
@@ -325,6 +337,10 @@ class StyleGAN2Generator(
             one), noise at the coarse layers is the easy way to make varied blobs, and the
             generator learned to draw its whole layout from it, leaving ``w`` only the colours:
             useless for projection and walks. Without coarse noise the layout has to come from ``w``.
+        input_mode: ``"const"`` (the paper: the 4x4 input is one learned tensor, and the layout
+            must be made from it by style-modulated convolutions) or ``"mapped"`` (the 4x4 input is
+            a linear function of the first ``w``, as in GANs before StyleGAN and in FastGAN: ``w``
+            places the coarse layout directly, which the paper's input learns only slowly).
     """
 
     def __init__(
@@ -339,9 +355,12 @@ class StyleGAN2Generator(
         mapping_lr_mul: float = 0.01,
         w_avg_beta: float = 0.995,
         noise_min_res: int = 0,
+        input_mode: str = "const",
     ):
         super().__init__()
         _check_resolution(resolution, "StyleGAN2Generator")
+        if input_mode not in INPUT_MODES:
+            raise ValueError(f"input_mode must be one of {', '.join(INPUT_MODES)}, got {input_mode!r}")
         if min(z_dim, w_dim, channel_base, channel_max, mapping_layers) < 1:
             raise ValueError(
                 "z_dim, w_dim, channel_base, channel_max and mapping_layers must be positive, got "
@@ -353,7 +372,7 @@ class StyleGAN2Generator(
             raise ValueError(f"noise_min_res must be a resolution >= 0, got {noise_min_res!r}")
         self.z_dim, self.w_dim, self.resolution = z_dim, w_dim, resolution
         self.synthesis = SynthesisNetwork(w_dim=w_dim, resolution=resolution, channel_base=channel_base,
-                                          channel_max=channel_max, noise_min_res=noise_min_res)
+                                          channel_max=channel_max, noise_min_res=noise_min_res, input_mode=input_mode)
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(z_dim=z_dim, w_dim=w_dim, num_ws=self.num_ws, layers=mapping_layers,
                                       lr_mul=mapping_lr_mul, w_avg_beta=w_avg_beta)

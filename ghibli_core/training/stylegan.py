@@ -80,7 +80,7 @@ from ..data.datasets import ImageSet, SquareCrops, StepBatches, select_images
 from ..data.datasets import mix_seed as _seed
 from ..imaging import center_crop_resize
 from ..models.projected import BACKBONES, ProjectedDiscriminator, feature_side
-from ..models.stylegan import StyleGAN2Discriminator, StyleGAN2Generator
+from ..models.stylegan import INPUT_MODES, StyleGAN2Discriminator, StyleGAN2Generator
 from .augment import POLICIES, AdaptiveAugment, gaussian_blur
 from .common import (
     LossMeans,
@@ -101,7 +101,7 @@ from .common import (
 # Config fields that define the networks: a resumed run must not change them.
 ARCH_FIELDS = (
     "resolution", "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max",
-    "d_channel_base", "d_channel_max", "mbstd_group", "noise_min_res",
+    "d_channel_base", "d_channel_max", "mbstd_group", "noise_min_res", "input_mode",
 )
 # ...and those of the projected discriminator (checked when a run uses it; a run folder written
 # before the option existed has a StyleGAN2 discriminator).
@@ -154,6 +154,7 @@ class StyleGANConfig:
     d_channel_max: int = 512
     mbstd_group: int = 4
     noise_min_res: int = 0  # generator layers below this resolution get no noise input
+    input_mode: str = "const"  # the generator's 4x4 input: const (the paper) | mapped (a linear function of w)
     discriminator: str = "stylegan2"  # stylegan2 | projected
     projected_backbone: str = "efficientnet-lite0"
     projected_pretrained: bool = True
@@ -240,6 +241,8 @@ class StyleGANConfig:
             raise ValueError(f"r1_gamma and pl_weight must not be negative, got {self.r1_gamma}, {self.pl_weight}")
         if not 0.0 <= self.style_mixing <= 1.0 or not 0.0 <= self.augment_p <= 1.0:
             raise ValueError(f"style_mixing and augment_p must be in [0, 1], got {self.style_mixing}, {self.augment_p}")
+        if self.input_mode not in INPUT_MODES:
+            raise ValueError(f"input_mode must be one of {', '.join(INPUT_MODES)}, got {self.input_mode!r}")
         if not isinstance(self.noise_min_res, int) or self.noise_min_res < 0:
             raise ValueError(f"noise_min_res must be a resolution >= 0, got {self.noise_min_res!r}")
         if self.blur_sigma < 0 or self.blur_fade_kimg <= 0:
@@ -276,7 +279,8 @@ class StyleGANConfig:
 
     def generator_kwargs(self) -> dict:
         return dict(z_dim=self.z_dim, w_dim=self.w_dim, resolution=self.resolution, channel_base=self.channel_base,
-                    channel_max=self.channel_max, mapping_layers=self.mapping_layers, noise_min_res=self.noise_min_res)
+                    channel_max=self.channel_max, mapping_layers=self.mapping_layers, noise_min_res=self.noise_min_res,
+                    input_mode=self.input_mode)
 
     def discriminator_kwargs(self) -> dict:
         if self.discriminator == "projected":
@@ -522,7 +526,7 @@ def train_stylegan(
     ckpt_dir = out / "checkpoints"
     if resume:
         _check_discriminator_kind(cfg)
-    open_run_folder(cfg, cfg.arch_fields(), accelerator, resume=resume, absent={"noise_min_res": 0})
+    open_run_folder(cfg, cfg.arch_fields(), accelerator, resume=resume, absent={"noise_min_res": 0, "input_mode": "const"})
     projected = cfg.discriminator == "projected"
 
     # 1. Build everything after set_seed, identically on every process.
