@@ -161,14 +161,6 @@ def add_stylegan_parser(p: argparse.ArgumentParser) -> None:
                         "--blur-fade-kimg: coarse layout first (StyleGAN3 / StyleGAN-XL); 0: off, the default")
     g.add_argument("--blur-fade-kimg", type=float, default=d["blur_fade_kimg"],
                    help="thousands of images over which the blur fades out")
-    g = p.add_argument_group("reconstruction anchor (IMLE; --discriminator projected only)")
-    g.add_argument("--imle-weight", type=float, default=d["imle_weight"],
-                   help="weight of pulling matched samples towards the training images (0: off; try 1)")
-    g.add_argument("--imle-every", type=int, default=d["imle_every"],
-                   help="steps between matchings of each training image to its nearest random sample")
-    g.add_argument("--imle-pool", type=int, default=d["imle_pool"], help="random samples drawn for each matching")
-    g.add_argument("--imle-side", type=int, default=d["imle_side"],
-                   help="side (px) of the area averages that matching and the pixel term compare")
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--log-every", type=int, default=d["log_every"])
     g.add_argument("--sample-every", type=int, default=d["sample_every"])
@@ -301,8 +293,7 @@ def run_stylegan(args: argparse.Namespace) -> int:
         r1_every=args.r1_every, pl_weight=args.pl_weight, pl_every=args.pl_every, style_mixing=args.style_mixing,
         ema_kimg=args.ema_kimg, ema_rampup=args.ema_rampup or None, augment=args.augment, augment_p=args.augment_p,
         ada_target=args.ada_target, ada_interval=args.ada_interval, ada_kimg=args.ada_kimg,
-        blur_sigma=args.blur_sigma, blur_fade_kimg=args.blur_fade_kimg, imle_weight=args.imle_weight,
-        imle_every=args.imle_every, imle_pool=args.imle_pool, imle_side=args.imle_side,
+        blur_sigma=args.blur_sigma, blur_fade_kimg=args.blur_fade_kimg,
         mixed_precision=args.mixed_precision, seed=args.seed, log_every=args.log_every,
         sample_every=args.sample_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         num_samples=args.num_samples, eval_every=args.eval_every, eval_init=not args.no_eval_init,

@@ -406,13 +406,6 @@ class ProjectedDiscriminator(HubModel, paper_url="https://arxiv.org/abs/2111.010
             img = F.interpolate(img, size=self.feature_side, mode="bilinear", align_corners=False)
         return self.projection(self.backbone(img))
 
-    def backbone_features(self, img: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen feature network's four stage outputs (before the random projection), for
-        perceptual distances: ``(N, 3, R, R)`` in [-1, 1], upsampled as :meth:`features` does."""
-        if self.resolution < self.feature_side:
-            img = F.interpolate(img, size=self.feature_side, mode="bilinear", align_corners=False)
-        return self.backbone(img)
-
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         feats = self.features(img)
         return torch.cat([d(f).flatten(1) for d, f in zip(self.discs, feats)], dim=1)

@@ -112,7 +112,7 @@ PROJECTED_ARCH_FIELDS = (
 DISCRIMINATORS = ("stylegan2", "projected")
 
 # Random streams of one step (arguments of _step_generator).
-_G_LATENT, _G_AUGMENT, _PL_LATENT, _D_LATENT, _D_AUGMENT_FAKE, _D_AUGMENT_REAL, _IMLE_POOL, _IMLE_BATCH = range(8)
+_G_LATENT, _G_AUGMENT, _PL_LATENT, _D_LATENT, _D_AUGMENT_FAKE, _D_AUGMENT_REAL = range(6)
 
 
 @dataclass
@@ -193,13 +193,6 @@ class StyleGANConfig:
     # `resolution`) falls linearly from blur_sigma to 0 over the first blur_fade_kimg thousand images
     blur_sigma: float = 0.0
     blur_fade_kimg: float = 100.0
-    # reconstruction anchor (IMLE, Li & Malik 2018; projected discriminator only): every imle_every
-    # steps each training image is matched to the nearest of imle_pool random samples (pixel
-    # distance at imle_side px), and G is pulled towards its matches with weight imle_weight
-    imle_weight: float = 0.0
-    imle_every: int = 200
-    imle_pool: int = 2048
-    imle_side: int = 32
     mixed_precision: str = "auto"
     seed: int = 0
     # bookkeeping
@@ -231,7 +224,7 @@ class StyleGANConfig:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps} and {self.batch_size}")
         for name in ("r1_every", "pl_every", "pl_batch_shrink", "ada_interval", "log_every", "sample_every",
-                     "save_every", "num_samples", "imle_every", "imle_pool", "imle_side"):
+                     "save_every", "num_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("g_lr", "d_lr", "ada_kimg"):
@@ -247,13 +240,6 @@ class StyleGANConfig:
             raise ValueError(f"noise_min_res must be a resolution >= 0, got {self.noise_min_res!r}")
         if self.blur_sigma < 0 or self.blur_fade_kimg <= 0:
             raise ValueError(f"need blur_sigma >= 0 and blur_fade_kimg > 0, got {self.blur_sigma}, {self.blur_fade_kimg}")
-        if self.imle_weight < 0:
-            raise ValueError(f"imle_weight must not be negative, got {self.imle_weight}")
-        if self.imle_weight > 0 and not projected:
-            raise ValueError("the reconstruction anchor (imle_weight > 0) measures features with the projected "
-                             "discriminator's backbone: use discriminator='projected'")
-        if self.imle_weight > 0 and self.imle_side > self.resolution:
-            raise ValueError(f"imle_side ({self.imle_side}) must not exceed the resolution ({self.resolution})")
         if self.ema_kimg is not None and self.ema_kimg < 0:
             raise ValueError(f"ema_kimg must not be negative, got {self.ema_kimg}")
         if projected:
@@ -307,73 +293,18 @@ def _step_generator(seed: int, step: int, rank: int, stream: int, device: torch.
 
 
 class StyleGANState(TrainState):
-    """Step counters, the path-length regulariser's running mean and the reconstruction
-    anchor's current matches (one latent per training image)."""
+    """Step counters plus the path-length regulariser's running mean."""
 
     def __init__(self) -> None:
         super().__init__()
         self.pl_mean = 0.0
-        self.imle_z: torch.Tensor | None = None
 
     def state_dict(self) -> dict:
-        extra = {} if self.imle_z is None else {"imle_z": self.imle_z}
-        return {**super().state_dict(), "pl_mean": self.pl_mean, **extra}
+        return {**super().state_dict(), "pl_mean": self.pl_mean}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.pl_mean = float(state.get("pl_mean", 0.0))
-        self.imle_z = state.get("imle_z")
-
-
-def center_targets(images: ImageSet, size: int) -> torch.Tensor:
-    """The centre ``size`` square of every training image, ``(N, 3, size, size)`` uint8."""
-    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
-    for i in range(len(images)):
-        img = images[i]
-        h, w = img.shape[:2]
-        top, left = (h - size) // 2, (w - size) // 2
-        out[i] = torch.from_numpy(np.ascontiguousarray(img[top : top + size, left : left + size])).permute(2, 0, 1)
-    return out
-
-
-def _to_unit(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 127.5 - 1.0
-
-
-@torch.no_grad()
-def imle_select(
-    G: StyleGAN2Generator, targets: torch.Tensor, *, pool: int, side: int, generator: torch.Generator,
-    batch: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """IMLE's matching step: for each target the latent of its nearest of ``pool`` random samples.
-
-    ``targets`` are ``(N, 3, R, R)`` uint8 (or floats in [-1, 1]); samples are drawn with
-    constant noise and compared by the RMS difference of their ``side`` px area averages.
-    Returns ``(z (N, z_dim) on the CPU, distances (N,))``. Several targets may share a latent.
-    """
-    device = next(G.parameters()).device
-    z = torch.randn(pool, G.z_dim, generator=generator)
-    tgt = targets if targets.is_floating_point() else _to_unit(targets)
-    small_t = F.adaptive_avg_pool2d(tgt.float(), side).flatten(1)
-    small_s = []
-    for i in range(0, pool, batch):
-        img = G(z[i : i + batch].to(device), noise_mode="const").float()
-        small_s.append(F.adaptive_avg_pool2d(img, side).flatten(1).cpu())
-    dist, idx = torch.cdist(small_t, torch.cat(small_s)).min(1)
-    return z[idx], dist / small_t.shape[1] ** 0.5
-
-
-def perceptual_distance(D: ProjectedDiscriminator, fake: torch.Tensor, real: torch.Tensor, side: int) -> torch.Tensor:
-    """Per-image distance: L1 of ``side`` px area averages plus, per backbone stage, the mean
-    squared difference of channel-normalised features (LPIPS without its learned weights)."""
-    loss = (F.adaptive_avg_pool2d(fake, side) - F.adaptive_avg_pool2d(real, side)).abs().mean((1, 2, 3))
-    with torch.no_grad():
-        feats_real = D.backbone_features(real)
-    for a, b in zip(D.backbone_features(fake), feats_real):
-        a = a / (a.square().sum(1, keepdim=True).sqrt() + 1e-8)
-        b = b / (b.square().sum(1, keepdim=True).sqrt() + 1e-8)
-        loss = loss + (a - b).square().sum(1).mean((1, 2))
-    return loss
 
 
 class GeneratorEvaluator:
@@ -568,8 +499,6 @@ def train_stylegan(
     paths = select_images(cfg.data, include=cfg.include, exclude=cfg.exclude, where=cfg.where)
     images = ImageSet(paths, load_size=cfg.resolution, preload=cfg.preload, progress=progress and main)
     dataset = SquareCrops(images, size=cfg.resolution, seed=cfg.seed, mirror=cfg.mirror, center=cfg.crop == "center")
-    imle = cfg.imle_weight > 0
-    targets = center_targets(images, cfg.resolution) if imle else None
     stop = cfg.steps if stop_after is None else min(cfg.steps, state.step + stop_after)
     sampler = StepBatches(start=state.step, stop=stop, batch_size=cfg.batch_size, rank=rank, world=world)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0)
@@ -619,15 +548,9 @@ def train_stylegan(
     for real in loader:
         real = real.to(device)  # (B, 3, R, R) in [-1, 1]
         step = state.step
-        gens = {s: _step_generator(cfg.seed, step, rank, s, device) for s in (_G_LATENT, _PL_LATENT, _D_LATENT, _IMLE_BATCH)}
-        cpu_gens = {s: _step_generator(cfg.seed, step, rank, s)
-                    for s in (_G_AUGMENT, _D_AUGMENT_FAKE, _D_AUGMENT_REAL, _IMLE_BATCH)}
+        gens = {s: _step_generator(cfg.seed, step, rank, s, device) for s in (_G_LATENT, _PL_LATENT, _D_LATENT)}
+        cpu_gens = {s: _step_generator(cfg.seed, step, rank, s) for s in (_G_AUGMENT, _D_AUGMENT_FAKE, _D_AUGMENT_REAL)}
         logs: dict[str, float] = {}
-        if imle and (state.imle_z is None or step % cfg.imle_every == 0):
-            # 2b. IMLE's matching (the same on every process: the pool is seeded without the rank)
-            state.imle_z, dist = imle_select(G, targets, pool=cfg.imle_pool, side=cfg.imle_side,
-                                             generator=_step_generator(cfg.seed, step, 0, _IMLE_POOL))
-            logs["imle_dist"] = dist.mean().item()
         sigma = cfg.blur_at(step * batch_total / 1000)
 
         def shown(img: torch.Tensor, stream: int) -> torch.Tensor:
@@ -641,18 +564,9 @@ def train_stylegan(
             fake = G.synthesis(ws, noise_mode="random", generator=gens[_G_LATENT])
             logits = D(shown(fake, _G_AUGMENT)).float()
             loss_G = -logits.mean() if projected else F.softplus(-logits).mean()
-        logs["G"] = loss_G.item()
-        if imle:
-            # 3a. The reconstruction anchor: matched latents towards their training images.
-            idx = torch.randint(len(targets), (cfg.batch_size,), generator=cpu_gens[_IMLE_BATCH])
-            with accelerator.autocast():
-                rec = G.synthesis(G.mapping(state.imle_z[idx].to(device)), noise_mode="random",
-                                  generator=gens[_IMLE_BATCH])
-                loss_rec = perceptual_distance(D, rec.float(), _to_unit(targets[idx]).to(device), cfg.imle_side).mean()
-            loss_G = loss_G + cfg.imle_weight * loss_rec
-            logs["rec"] = loss_rec.item()
         opt_G.zero_grad(set_to_none=True)
         accelerator.backward(loss_G)
+        logs["G"] = loss_G.item()
         w_mean = reduce_sum(ws[:, 0].detach().float().mean(0)) / world
         if cfg.pl_weight > 0 and step % cfg.pl_every == 0:
             # 3b. Lazy path-length regularisation (Jacobian norms of w -> image close to their mean).
