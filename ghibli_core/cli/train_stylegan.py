@@ -98,7 +98,7 @@ def add_stylegan_parser(p: argparse.ArgumentParser) -> None:
                         f"(recommended with --discriminator projected: 32 or 64; {d['noise_min_res']}: every layer)")
     g.add_argument("--input-mode", choices=["const", "mapped"], default=None,
                    help=f"the generator's 4x4 input: const (the paper's learned tensor) or mapped (a linear function "
-                        f"of w, so w places the coarse layout directly) ({d['input_mode']})")
+                        f"of w; measured worse at 64 px, see the ghibli-stylegan2 card) ({d['input_mode']})")
     g.add_argument("--d-channel-base", type=int, default=None, help="discriminator (default: the generator's)")
     g.add_argument("--d-channel-max", type=int, default=None, help="discriminator (default: the generator's)")
     g.add_argument("--mbstd-group", type=int, default=None, help=f"minibatch-stddev group size ({d['mbstd_group']})")
