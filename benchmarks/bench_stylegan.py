@@ -83,7 +83,8 @@ def reference_synthesis(G: StyleGAN2Generator, ws: torch.Tensor, *, noise_mode: 
     for block in G.synthesis.blocks:
         wb = ws[:, i : i + block.num_conv + 1]
         if block.first:
-            x = block.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+            x = (block.input(wb[:, 0]).reshape(ws.shape[0], -1, 4, 4) if block.mapped
+                 else block.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1))
             x = _ref_layer(block.conv1, x, wb[:, 0], noise_mode, up_mode)
         else:
             x = _ref_layer(block.conv0, x, wb[:, 0], noise_mode, up_mode)
