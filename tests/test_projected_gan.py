@@ -349,6 +349,31 @@ def test_input_mode_trains_and_is_checked_on_resume(frames, tmp_path):
         _cfg(frames, tmp_path / "bad", input_mode="x")
 
 
+def test_freeze_below_trains_only_the_finer_blocks(frames, tmp_path):
+    from accelerate.utils import set_seed
+
+    from ghibli_core.training.stylegan import frozen_parameters
+
+    cfg = _cfg(frames, tmp_path / "run", freeze_below=16, steps=4)
+    set_seed(cfg.seed)  # the trainer builds G first after this
+    G0 = StyleGAN2Generator(**cfg.generator_kwargs())
+    assert len(frozen_parameters(G0, 16)) == len(list(G0.mapping.parameters())) + sum(
+        len(list(b.parameters())) for b in G0.synthesis.blocks[:2]) and frozen_parameters(G0, 0) == []
+    out = train_stylegan(cfg, progress=False, cpu=True, stop_after=2)
+    G = load_model(out)
+    before, after = G0.state_dict(), G.state_dict()
+    fixed = [k for k in after if k.startswith(("mapping.layers", "synthesis.blocks.0.", "synthesis.blocks.1."))]
+    trained = [k for k in after if k.startswith("synthesis.blocks.2.") and "noise_const" not in k]
+    assert fixed and all(torch.equal(before[k], after[k]) for k in fixed)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+    # it is part of the run: a resume must keep it
+    with pytest.raises(ValueError, match="freeze_below 16 -> 0"):
+        train_stylegan(_cfg(frames, tmp_path / "run", steps=4), progress=False, cpu=True, resume=True)
+    train_stylegan(cfg, progress=False, cpu=True, resume=True)
+    with pytest.raises(ValueError, match="freeze_below must be"):
+        _cfg(frames, tmp_path / "bad", freeze_below=32)
+
+
 def test_a_run_folder_from_before_the_option_resumes_as_stylegan2(frames, tmp_path):
     out = tmp_path / "old"
     out.mkdir()
@@ -431,6 +456,16 @@ def test_cli_flag(frames, tmp_path, capsys):
     capsys.readouterr()
     assert _cli(frames, tmp_path / "sg2p", "--init", str(sg), *PROJECTED_FLAGS, "--steps", "1") == 0
     assert "starts from scratch" in capsys.readouterr().out
+
+    # growing it with the copied blocks frozen; a resume keeps the setting without repeating it
+    grown = tmp_path / "grown"
+    assert _cli(frames, grown, "--init", str(out), *PROJECTED_FLAGS, "--resolution", "32", "--freeze-below", "32",
+                "--steps", "2", "--stop-after", "1") == 0
+    assert json.loads((grown / "train_config.json").read_text())["freeze_below"] == 32
+    assert _cli(frames, grown, "--resolution", "32", "--steps", "2", "--resume") == 0
+    a = load_file(str(out / "generator" / "model.safetensors"))
+    b = load_file(str(grown / "generator" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("mapping.layers", "synthesis.blocks.0.")))
 
     assert _cli(frames, out, "--steps", "6", "--resume", "--discriminator", "stylegan2") == 2
     assert "discriminator 'projected' -> 'stylegan2'" in capsys.readouterr().err

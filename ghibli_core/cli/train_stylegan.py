@@ -99,6 +99,9 @@ def add_stylegan_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input-mode", choices=["const", "mapped"], default=None,
                    help=f"the generator's 4x4 input: const (the paper's learned tensor) or mapped (a linear function "
                         f"of w; measured worse at 64 px, see the ghibli-stylegan2 card) ({d['input_mode']})")
+    g.add_argument("--freeze-below", type=int, default=None,
+                   help="do not train the mapping and the generator blocks below this resolution (with --init a "
+                        f"smaller generator: the new blocks add detail to its composition) ({d['freeze_below']})")
     g.add_argument("--d-channel-base", type=int, default=None, help="discriminator (default: the generator's)")
     g.add_argument("--d-channel-max", type=int, default=None, help="discriminator (default: the generator's)")
     g.add_argument("--mbstd-group", type=int, default=None, help=f"minibatch-stddev group size ({d['mbstd_group']})")
@@ -216,7 +219,7 @@ def _architecture(args: argparse.Namespace, G, D, defaults: dict) -> dict:
     if args.resume and previous.is_file():
         old = json.loads(previous.read_text())
         old.setdefault("discriminator", "stylegan2")  # written before the option existed
-        for key in (*_G_ARCH, *_D_ARCH, *_P_ARCH, "resolution", "discriminator"):
+        for key in (*_G_ARCH, *_D_ARCH, *_P_ARCH, "resolution", "discriminator", "freeze_below"):
             if getattr(args, key) is None and key in old:
                 setattr(args, key, old[key])
     arch = {}
@@ -288,7 +291,7 @@ def run_stylegan(args: argparse.Namespace) -> int:
     arch = _architecture(args, G, D, defaults)
     cfg = StyleGANConfig(
         data=args.data, out=args.out, include=args.include, exclude=args.exclude, where=args.where,
-        init=args.init, **arch, crop=args.crop, mirror=not args.no_mirror, batch_size=args.batch_size,
+        init=args.init, **arch, freeze_below=args.freeze_below or 0, crop=args.crop, mirror=not args.no_mirror, batch_size=args.batch_size,
         preload=not args.no_preload, steps=args.steps, g_lr=args.g_lr, d_lr=args.d_lr, r1_gamma=args.r1_gamma,
         r1_every=args.r1_every, pl_weight=args.pl_weight, pl_every=args.pl_every, style_mixing=args.style_mixing,
         ema_kimg=args.ema_kimg, ema_rampup=args.ema_rampup or None, augment=args.augment, augment_p=args.augment_p,

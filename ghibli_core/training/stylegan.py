@@ -101,7 +101,7 @@ from .common import (
 # Config fields that define the networks: a resumed run must not change them.
 ARCH_FIELDS = (
     "resolution", "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max",
-    "d_channel_base", "d_channel_max", "mbstd_group", "noise_min_res", "input_mode",
+    "d_channel_base", "d_channel_max", "mbstd_group", "noise_min_res", "input_mode", "freeze_below",
 )
 # ...and those of the projected discriminator (checked when a run uses it; a run folder written
 # before the option existed has a StyleGAN2 discriminator).
@@ -155,6 +155,7 @@ class StyleGANConfig:
     mbstd_group: int = 4
     noise_min_res: int = 0  # generator layers below this resolution get no noise input
     input_mode: str = "const"  # the generator's 4x4 input: const (the paper) | mapped (a linear function of w)
+    freeze_below: int = 0  # the mapping and the generator blocks below this resolution are not trained (after growing)
     discriminator: str = "stylegan2"  # stylegan2 | projected
     projected_backbone: str = "efficientnet-lite0"
     projected_pretrained: bool = True
@@ -234,6 +235,8 @@ class StyleGANConfig:
             raise ValueError(f"r1_gamma and pl_weight must not be negative, got {self.r1_gamma}, {self.pl_weight}")
         if not 0.0 <= self.style_mixing <= 1.0 or not 0.0 <= self.augment_p <= 1.0:
             raise ValueError(f"style_mixing and augment_p must be in [0, 1], got {self.style_mixing}, {self.augment_p}")
+        if not isinstance(self.freeze_below, int) or self.freeze_below < 0 or self.freeze_below > self.resolution:
+            raise ValueError(f"freeze_below must be a resolution from 0 to {self.resolution}, got {self.freeze_below!r}")
         if self.input_mode not in INPUT_MODES:
             raise ValueError(f"input_mode must be one of {', '.join(INPUT_MODES)}, got {self.input_mode!r}")
         if not isinstance(self.noise_min_res, int) or self.noise_min_res < 0:
@@ -418,6 +421,19 @@ def grow_into(net: StyleGAN2Generator, small: StyleGAN2Generator, spec: str | No
             net.synthesis.blocks[i].torgb.bias.zero_()
 
 
+def frozen_parameters(G: StyleGAN2Generator, below: int) -> list[torch.nn.Parameter]:
+    """The mapping network's and the synthesis blocks' below ``below`` px parameters (none for 0):
+    what ``freeze_below`` keeps fixed, so a grown generator's finer blocks add detail to the
+    composition the smaller run learned instead of relearning it."""
+    if not below:
+        return []
+    out = list(G.mapping.parameters())
+    for block in G.synthesis.blocks:
+        if block.resolution < below:
+            out += list(block.parameters())
+    return out
+
+
 def _check_discriminator_kind(cfg: StyleGANConfig) -> None:
     # a run folder from before the option has no "discriminator" key: it trained a StyleGAN2 one
     path = Path(cfg.out) / "train_config.json"
@@ -457,7 +473,7 @@ def train_stylegan(
     ckpt_dir = out / "checkpoints"
     if resume:
         _check_discriminator_kind(cfg)
-    open_run_folder(cfg, cfg.arch_fields(), accelerator, resume=resume, absent={"noise_min_res": 0, "input_mode": "const"})
+    open_run_folder(cfg, cfg.arch_fields(), accelerator, resume=resume, absent={"noise_min_res": 0, "input_mode": "const", "freeze_below": 0})
     projected = cfg.discriminator == "projected"
 
     # 1. Build everything after set_seed, identically on every process.
@@ -480,7 +496,10 @@ def train_stylegan(
     ema_kimg = cfg.ema_kimg if cfg.ema_kimg is not None else batch_total * 10 / 32
     r1_gamma = cfg.r1_gamma if cfg.r1_gamma is not None else (0.0 if projected else 0.0002 * cfg.resolution**2 / batch_total)
     ema = EMA(G, decay=0.0)  # the decay is set every step (half-life in images, with ramp-up)
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.g_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    for p in frozen_parameters(G, cfg.freeze_below):
+        p.requires_grad_(False)
+    opt_G = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=cfg.g_lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=1e-8)
     # a projected D holds its frozen network in buffers: its parameters are the small discriminators'
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.d_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     augment = AdaptiveAugment(cfg.augment, p=cfg.augment_p, target=cfg.ada_target, interval=cfg.ada_interval,
@@ -493,7 +512,7 @@ def train_stylegan(
         latest = load_latest_checkpoint(accelerator, ckpt_dir)
         if main:
             print(f"resumed from {latest} at step {state.step} (augmentation p {augment.p:.4f})")
-    g_params, d_params = list(G.parameters()), list(D.parameters())
+    g_params, d_params = [p for p in G.parameters() if p.requires_grad], list(D.parameters())
 
     # 2. Data: sample k is a fixed crop, so a resumed run continues the same stream.
     paths = select_images(cfg.data, include=cfg.include, exclude=cfg.exclude, where=cfg.where)
@@ -573,6 +592,8 @@ def train_stylegan(
             n = max(1, cfg.batch_size // cfg.pl_batch_shrink)
             with autocast_off():
                 ws_pl = run_mapping(n, gens[_PL_LATENT])
+                if not ws_pl.requires_grad:  # a frozen mapping (freeze_below)
+                    ws_pl = ws_pl.detach().requires_grad_(True)
                 img = G.synthesis(ws_pl, noise_mode="random", generator=gens[_PL_LATENT])
                 pl_noise = torch.randn(img.shape, generator=gens[_PL_LATENT], device=device) / cfg.resolution
                 (grad,) = torch.autograd.grad((img * pl_noise).sum(), ws_pl, create_graph=True)
