@@ -310,6 +310,15 @@ def test_blur_fades_and_resumes_exactly(frames, tmp_path):
         _cfg(frames, tmp_path / "bad", blur_fade_kimg=0.0)
 
 
+def _resumes_without(frames, old: Path, key: str) -> None:
+    """A run folder whose config lacks ``key`` (written before the option existed) resumes."""
+    train_stylegan(_cfg(frames, old, steps=4), progress=False, cpu=True, stop_after=2)
+    saved = json.loads((old / "train_config.json").read_text())
+    del saved[key]
+    (old / "train_config.json").write_text(json.dumps(saved))
+    train_stylegan(_cfg(frames, old, steps=4), progress=False, cpu=True, resume=True)
+
+
 def test_noise_min_res_trains_resumes_and_is_checked(frames, tmp_path):
     cfg = _cfg(frames, tmp_path / "run", noise_min_res=16, steps=4)
     out = train_stylegan(cfg, progress=False, cpu=True, stop_after=2)
@@ -320,11 +329,7 @@ def test_noise_min_res_trains_resumes_and_is_checked(frames, tmp_path):
     train_stylegan(cfg, progress=False, cpu=True, resume=True)
     # a run folder written before the option existed resumes as noise everywhere (0)
     old = tmp_path / "old"
-    train_stylegan(_cfg(frames, old, steps=4), progress=False, cpu=True, stop_after=2)
-    saved = json.loads((old / "train_config.json").read_text())
-    del saved["noise_min_res"]
-    (old / "train_config.json").write_text(json.dumps(saved))
-    train_stylegan(_cfg(frames, old, steps=4), progress=False, cpu=True, resume=True)
+    _resumes_without(frames, old, "noise_min_res")
     with pytest.raises(ValueError, match="noise_min_res 0 -> 16"):
         train_stylegan(_cfg(frames, old, noise_min_res=16, steps=6), progress=False, cpu=True, resume=True)
     with pytest.raises(ValueError, match="noise_min_res must be"):
@@ -339,12 +344,7 @@ def test_input_mode_trains_and_is_checked_on_resume(frames, tmp_path):
         train_stylegan(_cfg(frames, tmp_path / "run", steps=4), progress=False, cpu=True, resume=True)
     train_stylegan(_cfg(frames, tmp_path / "run", input_mode="mapped", steps=4), progress=False, cpu=True, resume=True)
     # a run folder written before the option existed resumes as const
-    old = tmp_path / "old"
-    train_stylegan(_cfg(frames, old, steps=4), progress=False, cpu=True, stop_after=2)
-    saved = json.loads((old / "train_config.json").read_text())
-    del saved["input_mode"]
-    (old / "train_config.json").write_text(json.dumps(saved))
-    train_stylegan(_cfg(frames, old, steps=4), progress=False, cpu=True, resume=True)
+    _resumes_without(frames, tmp_path / "old", "input_mode")
     with pytest.raises(ValueError, match="input_mode must be one of"):
         _cfg(frames, tmp_path / "bad", input_mode="x")
 

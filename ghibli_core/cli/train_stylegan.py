@@ -291,7 +291,8 @@ def run_stylegan(args: argparse.Namespace) -> int:
     arch = _architecture(args, G, D, defaults)
     cfg = StyleGANConfig(
         data=args.data, out=args.out, include=args.include, exclude=args.exclude, where=args.where,
-        init=args.init, **arch, freeze_below=args.freeze_below or 0, crop=args.crop, mirror=not args.no_mirror, batch_size=args.batch_size,
+        init=args.init, **arch, freeze_below=args.freeze_below or 0, crop=args.crop, mirror=not args.no_mirror,
+        batch_size=args.batch_size,
         preload=not args.no_preload, steps=args.steps, g_lr=args.g_lr, d_lr=args.d_lr, r1_gamma=args.r1_gamma,
         r1_every=args.r1_every, pl_weight=args.pl_weight, pl_every=args.pl_every, style_mixing=args.style_mixing,
         ema_kimg=args.ema_kimg, ema_rampup=args.ema_rampup or None, augment=args.augment, augment_p=args.augment_p,

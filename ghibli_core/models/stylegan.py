@@ -231,11 +231,9 @@ class SynthesisBlock(nn.Module):
 
     def forward(self, x, img, ws: torch.Tensor, *, noise_mode: str, generator):
         # ws: (N, num_conv + 1, w_dim); the tRGB shares its w with the next block's first conv
-        if self.mapped:
-            x = self.input(ws[:, 0]).reshape(ws.shape[0], -1, 4, 4)
-            x = self.conv1(x, ws[:, 0], noise_mode=noise_mode, generator=generator)
-        elif self.first:
-            x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+        if self.first:
+            x = (self.input(ws[:, 0]).reshape(ws.shape[0], -1, 4, 4) if self.mapped
+                 else self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1))
             x = self.conv1(x, ws[:, 0], noise_mode=noise_mode, generator=generator)
         else:
             x = self.conv0(x, ws[:, 0], noise_mode=noise_mode, generator=generator)

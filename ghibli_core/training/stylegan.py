@@ -98,7 +98,8 @@ from .common import (
     set_requires_grad,
 )
 
-# Config fields that define the networks: a resumed run must not change them.
+# Config fields that define the networks (and which generator parameters the optimiser holds):
+# a resumed run must not change them.
 ARCH_FIELDS = (
     "resolution", "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max",
     "d_channel_base", "d_channel_max", "mbstd_group", "noise_min_res", "input_mode", "freeze_below",
@@ -473,7 +474,8 @@ def train_stylegan(
     ckpt_dir = out / "checkpoints"
     if resume:
         _check_discriminator_kind(cfg)
-    open_run_folder(cfg, cfg.arch_fields(), accelerator, resume=resume, absent={"noise_min_res": 0, "input_mode": "const", "freeze_below": 0})
+    open_run_folder(cfg, cfg.arch_fields(), accelerator, resume=resume,
+                    absent={"noise_min_res": 0, "input_mode": "const", "freeze_below": 0})
     projected = cfg.discriminator == "projected"
 
     # 1. Build everything after set_seed, identically on every process.
@@ -498,10 +500,10 @@ def train_stylegan(
     ema = EMA(G, decay=0.0)  # the decay is set every step (half-life in images, with ramp-up)
     for p in frozen_parameters(G, cfg.freeze_below):
         p.requires_grad_(False)
-    opt_G = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=cfg.g_lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=1e-8)
+    g_params, d_params = [p for p in G.parameters() if p.requires_grad], list(D.parameters())
+    opt_G = torch.optim.Adam(g_params, lr=cfg.g_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     # a projected D holds its frozen network in buffers: its parameters are the small discriminators'
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.d_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    opt_D = torch.optim.Adam(d_params, lr=cfg.d_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     augment = AdaptiveAugment(cfg.augment, p=cfg.augment_p, target=cfg.ada_target, interval=cfg.ada_interval,
                               kimg=cfg.ada_kimg)
     state = StyleGANState()
@@ -512,7 +514,6 @@ def train_stylegan(
         latest = load_latest_checkpoint(accelerator, ckpt_dir)
         if main:
             print(f"resumed from {latest} at step {state.step} (augmentation p {augment.p:.4f})")
-    g_params, d_params = [p for p in G.parameters() if p.requires_grad], list(D.parameters())
 
     # 2. Data: sample k is a fixed crop, so a resumed run continues the same stream.
     paths = select_images(cfg.data, include=cfg.include, exclude=cfg.exclude, where=cfg.where)
