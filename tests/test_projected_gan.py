@@ -374,6 +374,32 @@ def test_freeze_below_trains_only_the_finer_blocks(frames, tmp_path):
         _cfg(frames, tmp_path / "bad", freeze_below=32)
 
 
+def test_pixel_discriminator_beside_the_projected_one(frames, tmp_path):
+    kw = dict(pixel_d_weight=0.5, d_channel_base=64, d_channel_max=8, mbstd_group=2, r1_every=2)
+    straight = train_stylegan(_cfg(frames, tmp_path / "straight", **kw), progress=False, cpu=True)
+    train_stylegan(_cfg(frames, tmp_path / "split", **kw), progress=False, cpu=True, stop_after=4)
+    resumed = train_stylegan(_cfg(frames, tmp_path / "split", **kw), progress=False, cpu=True, resume=True)
+    a, b = (load_file(str(p / "model.safetensors")) for p in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # its state (and its optimiser's) is in the checkpoints
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert all({"G_pix", "D_pix", "D_pix_real", "D_pix_fake", "r1"} <= r.keys() for r in log)
+    # the generator learned from it: the same run without it ends elsewhere
+    plain = train_stylegan(_cfg(frames, tmp_path / "plain", **{**kw, "pixel_d_weight": 0.0, "r1_gamma": None}),
+                           progress=False, cpu=True)
+    c = load_file(str(plain / "model.safetensors"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    # part of the run: a resume must keep it; a folder from before the option resumes without one
+    with pytest.raises(ValueError, match="pixel_d_weight 0.5 -> 0.0"):
+        train_stylegan(_cfg(frames, tmp_path / "split", **{**kw, "pixel_d_weight": 0.0}, steps=8), progress=False,
+                       cpu=True, resume=True)
+    _resumes_without(frames, tmp_path / "old", "pixel_d_weight")
+    with pytest.raises(ValueError, match="needs discriminator='projected'"):
+        _cfg(frames, tmp_path / "bad", discriminator="stylegan2", pixel_d_weight=1.0)
+    with pytest.raises(ValueError, match="pixel_d_weight must be"):
+        _cfg(frames, tmp_path / "bad", pixel_d_weight=-1.0)
+    assert _cfg(frames, tmp_path / "r1", pixel_d_weight=1.0, r1_gamma=2.0).r1_gamma == 2.0  # R1 is the pixel D's
+
+
 def test_a_run_folder_from_before_the_option_resumes_as_stylegan2(frames, tmp_path):
     out = tmp_path / "old"
     out.mkdir()
@@ -466,6 +492,14 @@ def test_cli_flag(frames, tmp_path, capsys):
     a = load_file(str(out / "generator" / "model.safetensors"))
     b = load_file(str(grown / "generator" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("mapping.layers", "synthesis.blocks.0.")))
+
+    # a pixel discriminator beside the projected one; a resume keeps it without repeating the option
+    pix = tmp_path / "pix"
+    assert _cli(frames, pix, *PROJECTED_FLAGS, "--pixel-d-weight", "0.3", "--d-channel-base", "64", "--d-channel-max",
+                "8", "--mbstd-group", "2", "--steps", "2", "--stop-after", "1") == 0
+    assert _cli(frames, pix, "--steps", "2", "--resume") == 0
+    config = json.loads((pix / "train_config.json").read_text())
+    assert config["pixel_d_weight"] == 0.3 and "D_pix" in json.loads((pix / "log.jsonl").read_text().splitlines()[-1])
 
     assert _cli(frames, out, "--steps", "6", "--resume", "--discriminator", "stylegan2") == 2
     assert "discriminator 'projected' -> 'stylegan2'" in capsys.readouterr().err

@@ -124,6 +124,10 @@ def add_stylegan_parser(p: argparse.ArgumentParser) -> None:
                    help=f"channel multiplier of the small discriminators ({d['projected_width']})")
     g.add_argument("--projected-full-convs", dest="projected_separable", action="store_const", const=False,
                    default=None, help="4x4 stride-2 convolutions in the small discriminators instead of separable ones")
+    g.add_argument("--pixel-d-weight", type=float, default=None,
+                   help="with --discriminator projected: a StyleGAN2 discriminator on the pixels beside it (as in "
+                        "vision-aided GANs; logistic loss and R1 for it, --d-channel-* its widths), its loss times "
+                        f"this in the generator's ({d['pixel_d_weight']}: none)")
     g = p.add_argument_group("data")
     g.add_argument("--crop", choices=["random", "center"], default=d["crop"],
                    help="square crop of images resized to the resolution on their short side")
@@ -136,7 +140,7 @@ def add_stylegan_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--d-lr", type=float, default=None, help="default 0.0025; 0.002 with --discriminator projected")
     g.add_argument("--r1-gamma", type=float, default=None,
                    help="R1 weight (default: 0.0002 * resolution^2 / batch over all processes, as StyleGAN2-ADA; "
-                        "none with --discriminator projected)")
+                        "none with --discriminator projected, where it is the --pixel-d-weight discriminator's)")
     g.add_argument("--r1-every", type=int, default=d["r1_every"], help="lazy R1 interval")
     g.add_argument("--pl-weight", type=float, default=d["pl_weight"],
                    help="path-length regularisation weight (2 in the paper; 0: off, the default, cheaper on CPU)")
@@ -219,7 +223,8 @@ def _architecture(args: argparse.Namespace, G, D, defaults: dict) -> dict:
     if args.resume and previous.is_file():
         old = json.loads(previous.read_text())
         old.setdefault("discriminator", "stylegan2")  # written before the option existed
-        for key in (*_G_ARCH, *_D_ARCH, *_P_ARCH, "resolution", "discriminator", "freeze_below"):
+        for key in (*_G_ARCH, *_D_ARCH, *_P_ARCH, "resolution", "discriminator", "freeze_below",
+                    "pixel_d_weight"):
             if getattr(args, key) is None and key in old:
                 setattr(args, key, old[key])
     arch = {}
@@ -291,7 +296,8 @@ def run_stylegan(args: argparse.Namespace) -> int:
     arch = _architecture(args, G, D, defaults)
     cfg = StyleGANConfig(
         data=args.data, out=args.out, include=args.include, exclude=args.exclude, where=args.where,
-        init=args.init, **arch, freeze_below=args.freeze_below or 0, crop=args.crop, mirror=not args.no_mirror,
+        init=args.init, **arch, freeze_below=args.freeze_below or 0,
+        pixel_d_weight=args.pixel_d_weight or 0.0, crop=args.crop, mirror=not args.no_mirror,
         batch_size=args.batch_size,
         preload=not args.no_preload, steps=args.steps, g_lr=args.g_lr, d_lr=args.d_lr, r1_gamma=args.r1_gamma,
         r1_every=args.r1_every, pl_weight=args.pl_weight, pl_every=args.pl_every, style_mixing=args.style_mixing,

@@ -108,7 +108,7 @@ ARCH_FIELDS = (
 # before the option existed has a StyleGAN2 discriminator).
 PROJECTED_ARCH_FIELDS = (
     "discriminator", "projected_backbone", "projected_feature_size", "projected_channels", "projected_discs",
-    "projected_separable", "projected_width",
+    "projected_separable", "projected_width", "pixel_d_weight",
 )
 DISCRIMINATORS = ("stylegan2", "projected")
 
@@ -165,6 +165,9 @@ class StyleGANConfig:
     projected_discs: int = 4
     projected_separable: bool = True
     projected_width: float = 1.0
+    # vision-aided: with the projected discriminator, a StyleGAN2 one on the pixels beside it (its
+    # non-saturating loss times this in G's loss; logistic loss and R1 for it); 0: none
+    pixel_d_weight: float = 0.0
     # data
     crop: str = "random"
     mirror: bool = True
@@ -177,6 +180,7 @@ class StyleGANConfig:
     beta1: float = 0.0
     beta2: float = 0.99
     r1_gamma: float | None = None  # None: 0.0002 * resolution^2 / (batch over all processes); 0 when projected
+    # (with a pixel discriminator beside a projected one, R1 is that pixel discriminator's)
     r1_every: int = 16
     pl_weight: float = 0.0
     pl_every: int = 4
@@ -246,8 +250,13 @@ class StyleGANConfig:
             raise ValueError(f"need blur_sigma >= 0 and blur_fade_kimg > 0, got {self.blur_sigma}, {self.blur_fade_kimg}")
         if self.ema_kimg is not None and self.ema_kimg < 0:
             raise ValueError(f"ema_kimg must not be negative, got {self.ema_kimg}")
+        if not (self.pixel_d_weight >= 0 and math.isfinite(self.pixel_d_weight)):
+            raise ValueError(f"pixel_d_weight must be a finite number >= 0, got {self.pixel_d_weight}")
+        if self.pixel_d_weight and not projected:
+            raise ValueError("pixel_d_weight adds a pixel discriminator beside the projected one: it needs "
+                             f"discriminator='projected', got {self.discriminator!r}")
         if projected:
-            if self.r1_gamma:
+            if self.r1_gamma and not self.pixel_d_weight:
                 raise ValueError(f"the projected discriminator trains without R1 (its feature network is frozen), "
                                  f"got r1_gamma {self.r1_gamma}")
             if self.projected_backbone not in BACKBONES:
@@ -285,11 +294,19 @@ class StyleGANConfig:
         """The config fields a resumed run must not change."""
         return ARCH_FIELDS + (PROJECTED_ARCH_FIELDS if self.discriminator == "projected" else ())
 
+    def pixel_discriminator_kwargs(self) -> dict:
+        return dict(resolution=self.resolution, channel_base=self.d_channel_base, channel_max=self.d_channel_max,
+                    mbstd_group=self.mbstd_group)
+
     def build_discriminator(self) -> StyleGAN2Discriminator | ProjectedDiscriminator:
         """The configured discriminator, untrained (a projected one with a random backbone)."""
         if self.discriminator == "projected":
             return ProjectedDiscriminator(**self.discriminator_kwargs())
         return StyleGAN2Discriminator(**self.discriminator_kwargs())
+
+    def build_pixel_discriminator(self) -> StyleGAN2Discriminator | None:
+        """The pixel discriminator beside a projected one (``pixel_d_weight``), untrained; else None."""
+        return StyleGAN2Discriminator(**self.pixel_discriminator_kwargs()) if self.pixel_d_weight else None
 
 
 def _step_generator(seed: int, step: int, rank: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -475,7 +492,7 @@ def train_stylegan(
     if resume:
         _check_discriminator_kind(cfg)
     open_run_folder(cfg, cfg.arch_fields(), accelerator, resume=resume,
-                    absent={"noise_min_res": 0, "input_mode": "const", "freeze_below": 0})
+                    absent={"noise_min_res": 0, "input_mode": "const", "freeze_below": 0, "pixel_d_weight": 0.0})
     projected = cfg.discriminator == "projected"
 
     # 1. Build everything after set_seed, identically on every process.
@@ -483,6 +500,7 @@ def train_stylegan(
     device = accelerator.device
     G = StyleGAN2Generator(**cfg.generator_kwargs())
     D = cfg.build_discriminator()
+    D_pix = cfg.build_pixel_discriminator()  # always starts from scratch (or the run's checkpoint)
     if not resume:
         if init_generator is not None and init_generator.resolution < cfg.resolution:
             grow_into(G, init_generator, cfg.init)
@@ -494,13 +512,16 @@ def train_stylegan(
             D.load_backbone()
     G.to(device).train()
     D.to(device).train()
+    discriminators = [D] if D_pix is None else [D, D_pix.to(device).train()]
     batch_total = cfg.batch_size * world
     ema_kimg = cfg.ema_kimg if cfg.ema_kimg is not None else batch_total * 10 / 32
-    r1_gamma = cfg.r1_gamma if cfg.r1_gamma is not None else (0.0 if projected else 0.0002 * cfg.resolution**2 / batch_total)
+    r1_gamma = cfg.r1_gamma if cfg.r1_gamma is not None else (
+        0.0 if projected and D_pix is None else 0.0002 * cfg.resolution**2 / batch_total)
     ema = EMA(G, decay=0.0)  # the decay is set every step (half-life in images, with ramp-up)
     for p in frozen_parameters(G, cfg.freeze_below):
         p.requires_grad_(False)
-    g_params, d_params = [p for p in G.parameters() if p.requires_grad], list(D.parameters())
+    g_params = [p for p in G.parameters() if p.requires_grad]
+    d_params = [p for net in discriminators for p in net.parameters()]
     opt_G = torch.optim.Adam(g_params, lr=cfg.g_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     # a projected D holds its frozen network in buffers: its parameters are the small discriminators'
     opt_D = torch.optim.Adam(d_params, lr=cfg.d_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
@@ -508,7 +529,7 @@ def train_stylegan(
                               kimg=cfg.ada_kimg)
     state = StyleGANState()
     opt_G, opt_D = accelerator.prepare(opt_G, opt_D)
-    for obj in (G, D, ema, augment, state):
+    for obj in (G, *discriminators, ema, augment, state):
         accelerator.register_for_checkpointing(obj)
     if resume:
         latest = load_latest_checkpoint(accelerator, ckpt_dir)
@@ -529,6 +550,9 @@ def train_stylegan(
         d_desc = (f"projected discriminator ({cfg.projected_backbone}{'' if cfg.projected_pretrained else ', random'} "
                   f"at {D.feature_side}px, {len(D.discs)} levels, {sum(p.numel() for p in d_params) / 1e6:.2f} M trained "
                   f"parameters), hinge loss" if projected else f"R1 gamma {r1_gamma:.4g}")
+        if D_pix is not None:
+            d_desc += (f", beside it a pixel discriminator ({sum(p.numel() for p in D_pix.parameters()) / 1e6:.2f} M "
+                       f"parameters, weight {cfg.pixel_d_weight:g} in G's loss, R1 gamma {r1_gamma:.4g})")
         print(f"training StyleGAN2 at {cfg.resolution}px on {len(images)} images, steps {state.step} -> {stop} of "
               f"{cfg.steps}, batch {cfg.batch_size} x {world} process(es) on {device}, {d_desc}, "
               f"EMA half-life {ema_kimg:.3g} kimg, augmentation {cfg.augment} (p {augment.p:.3f})")
@@ -578,15 +602,21 @@ def train_stylegan(
             return augment(gaussian_blur(img, sigma), generator=cpu_gens[stream])
 
         # 3. Generator: non-saturating loss through the augmentation, D frozen.
-        set_requires_grad([D], False)
+        set_requires_grad(discriminators, False)
         with accelerator.autocast():
             ws = run_mapping(cfg.batch_size, gens[_G_LATENT])
             fake = G.synthesis(ws, noise_mode="random", generator=gens[_G_LATENT])
-            logits = D(shown(fake, _G_AUGMENT)).float()
+            fake_shown = shown(fake, _G_AUGMENT)
+            logits = D(fake_shown).float()
             loss_G = -logits.mean() if projected else F.softplus(-logits).mean()
+            if D_pix is not None:
+                loss_G_pix = F.softplus(-D_pix(fake_shown).float()).mean()
+                loss_G = loss_G + cfg.pixel_d_weight * loss_G_pix
         opt_G.zero_grad(set_to_none=True)
         accelerator.backward(loss_G)
         logs["G"] = loss_G.item()
+        if D_pix is not None:
+            logs["G_pix"] = loss_G_pix.item()
         w_mean = reduce_sum(ws[:, 0].detach().float().mean(0)) / world
         if cfg.pl_weight > 0 and step % cfg.pl_every == 0:
             # 3b. Lazy path-length regularisation (Jacobian norms of w -> image close to their mean).
@@ -610,15 +640,32 @@ def train_stylegan(
 
         # 4. Discriminator: logistic (or hinge) loss on augmented fakes and reals (+ lazy R1). The fakes
         # need no gradient, nor (without R1) the reals, so a projected D's frozen part records no graph.
-        set_requires_grad([D], True)
+        set_requires_grad(discriminators, True)
         with torch.no_grad(), accelerator.autocast():
             fake = G.synthesis(run_mapping(cfg.batch_size, gens[_D_LATENT]), noise_mode="random",
                                generator=gens[_D_LATENT])
         r1_step = r1_gamma > 0 and step % cfg.r1_every == 0
         with accelerator.autocast():
-            logits_fake = D(shown(fake, _D_AUGMENT_FAKE)).float()
+            fake_shown = shown(fake, _D_AUGMENT_FAKE)
+            logits_fake = D(fake_shown).float()
             loss_D = F.relu(1 + logits_fake).mean() if projected else F.softplus(logits_fake).mean()
-        if r1_step:
+        if D_pix is not None:
+            # the pixel discriminator: logistic loss on the same shown images, R1 on its reals
+            with accelerator.autocast():
+                pix_fake = D_pix(fake_shown).float()
+            real_pix = shown(real, _D_AUGMENT_REAL)
+            with autocast_off():
+                real_in = real_pix.detach().requires_grad_(r1_step)
+                pix_real = D_pix(real_in).float()
+                loss_D_pix = F.softplus(pix_fake).mean() + F.softplus(-pix_real).mean()
+                if r1_step:
+                    (grad,) = torch.autograd.grad(pix_real.sum(), real_in, create_graph=True)
+                    loss_r1_pix = grad.square().sum((1, 2, 3)).mean() * (r1_gamma / 2 * cfg.r1_every)
+                    logs["r1"] = loss_r1_pix.item() / cfg.r1_every
+                    loss_D_pix = loss_D_pix + loss_r1_pix
+            logs.update(D_pix=loss_D_pix.item(), D_pix_real=pix_real.detach().mean().item(),
+                        D_pix_fake=pix_fake.detach().mean().item())
+        if r1_step and D_pix is None:
             with autocast_off():
                 real_in = real.detach().requires_grad_(True)
                 logits_real = D(shown(real_in, _D_AUGMENT_REAL)).float()
@@ -627,11 +674,11 @@ def train_stylegan(
             logs["r1"] = loss_r1.item() / cfg.r1_every
         else:
             with accelerator.autocast():
-                logits_real = D(shown(real, _D_AUGMENT_REAL)).float()
+                logits_real = D(shown(real, _D_AUGMENT_REAL) if D_pix is None else real_pix).float()
             loss_r1 = 0.0
         loss_D = loss_D + (F.relu(1 - logits_real).mean() if projected else F.softplus(-logits_real).mean())
         opt_D.zero_grad(set_to_none=True)
-        accelerator.backward(loss_D + loss_r1)
+        accelerator.backward(loss_D + loss_r1 + (loss_D_pix if D_pix is not None else 0.0))
         average_gradients(d_params, accelerator)
         opt_D.step()
         logs.update(D=loss_D.item(), D_real=logits_real.detach().mean().item(), D_fake=logits_fake.detach().mean().item())
@@ -668,7 +715,7 @@ def train_stylegan(
         if main and (step % cfg.sample_every == 0 or step == stop):
             _write_samples(ema.model, fixed_z, out / "samples" / f"step-{step:07d}.png")
         if step % cfg.save_every == 0 or step == stop:
-            if not parameters_in_sync((G, D), accelerator):
+            if not parameters_in_sync((G, *discriminators), accelerator):
                 raise RuntimeError(f"processes diverged at step {step}: their parameters differ")
             save_checkpoint(accelerator, ckpt_dir, step, keep=cfg.keep_checkpoints)
             if main:
