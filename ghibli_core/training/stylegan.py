@@ -548,7 +548,7 @@ def train_stylegan(
     log = JsonlLog(out / "log.jsonl", enabled=main)
     if main:
         d_desc = (f"projected discriminator ({cfg.projected_backbone}{'' if cfg.projected_pretrained else ', random'} "
-                  f"at {D.feature_side}px, {len(D.discs)} levels, {sum(p.numel() for p in d_params) / 1e6:.2f} M trained "
+                  f"at {D.feature_side}px, {len(D.discs)} levels, {sum(p.numel() for p in D.parameters()) / 1e6:.2f} M trained "
                   f"parameters), hinge loss" if projected else f"R1 gamma {r1_gamma:.4g}")
         if D_pix is not None:
             d_desc += (f", beside it a pixel discriminator ({sum(p.numel() for p in D_pix.parameters()) / 1e6:.2f} M "
