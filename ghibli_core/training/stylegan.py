@@ -291,16 +291,16 @@ class StyleGANConfig:
                         backbone=self.projected_backbone, proj_channels=self.projected_channels,
                         num_discs=self.projected_discs, separable=self.projected_separable,
                         disc_width=self.projected_width, mixing_seed=_seed(self.seed, 11))
+        return self.stylegan2_discriminator_kwargs()
+
+    def stylegan2_discriminator_kwargs(self) -> dict:
+        """A StyleGAN2 discriminator's: the run's own, or the pixel one beside a projected one."""
         return dict(resolution=self.resolution, channel_base=self.d_channel_base, channel_max=self.d_channel_max,
                     mbstd_group=self.mbstd_group)
 
     def arch_fields(self) -> tuple[str, ...]:
         """The config fields a resumed run must not change."""
         return ARCH_FIELDS + (PROJECTED_ARCH_FIELDS if self.discriminator == "projected" else ())
-
-    def pixel_discriminator_kwargs(self) -> dict:
-        return dict(resolution=self.resolution, channel_base=self.d_channel_base, channel_max=self.d_channel_max,
-                    mbstd_group=self.mbstd_group)
 
     def build_discriminator(self) -> StyleGAN2Discriminator | ProjectedDiscriminator:
         """The configured discriminator, untrained (a projected one with a random backbone)."""
@@ -310,7 +310,7 @@ class StyleGANConfig:
 
     def build_pixel_discriminator(self) -> StyleGAN2Discriminator | None:
         """The pixel discriminator beside a projected one (``pixel_d_weight``), untrained; else None."""
-        return StyleGAN2Discriminator(**self.pixel_discriminator_kwargs()) if self.pixel_d_weight else None
+        return StyleGAN2Discriminator(**self.stylegan2_discriminator_kwargs()) if self.pixel_d_weight else None
 
 
 def _step_generator(seed: int, step: int, rank: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -580,6 +580,11 @@ def train_stylegan(
             dist.all_reduce(t)
         return t
 
+    def r1_penalty(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        # lazy R1: squared gradient norm of the real logits w.r.t. their inputs, weighted for the interval
+        (grad,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
+        return grad.square().sum((1, 2, 3)).mean() * (r1_gamma / 2 * cfg.r1_every)
+
     def run_mapping(n: int, gen: torch.Generator) -> torch.Tensor:
         # z -> ws with style mixing: from a random layer on, the ws of a second latent
         z = torch.randn(n, cfg.z_dim, generator=gen, device=device)
@@ -663,8 +668,7 @@ def train_stylegan(
                 pix_real = D_pix(real_in).float()
                 loss_D_pix = F.softplus(pix_fake).mean() + F.softplus(-pix_real).mean()
                 if r1_step:
-                    (grad,) = torch.autograd.grad(pix_real.sum(), real_in, create_graph=True)
-                    loss_r1_pix = grad.square().sum((1, 2, 3)).mean() * (r1_gamma / 2 * cfg.r1_every)
+                    loss_r1_pix = r1_penalty(pix_real, real_in)
                     logs["r1"] = loss_r1_pix.item() / cfg.r1_every
                     loss_D_pix = loss_D_pix + loss_r1_pix
             logs.update(D_pix=loss_D_pix.item(), D_pix_real=pix_real.detach().mean().item(),
@@ -673,8 +677,7 @@ def train_stylegan(
             with autocast_off():
                 real_in = real.detach().requires_grad_(True)
                 logits_real = D(shown(real_in, _D_AUGMENT_REAL)).float()
-                (grad,) = torch.autograd.grad(logits_real.sum(), real_in, create_graph=True)
-                loss_r1 = grad.square().sum((1, 2, 3)).mean() * (r1_gamma / 2 * cfg.r1_every)
+                loss_r1 = r1_penalty(logits_real, real_in)
             logs["r1"] = loss_r1.item() / cfg.r1_every
         else:
             with accelerator.autocast():
