@@ -386,6 +386,24 @@ def test_resume_is_exact(frames, tmp_path):
     assert G.mapping.w_avg.abs().sum() > 0  # tracked during training, shipped with the generator
 
 
+def test_resume_at_a_new_learning_rate(frames, tmp_path, capsys):
+    # the optimisers' saved rates must not override the configured ones: resumed at a rate of
+    # 1e-12, the discriminator stays where the checkpoint left it; resumed at its own rate, it moves
+    for name in ("same", "lower"):
+        train_stylegan(_cfg(frames, tmp_path / name), progress=False, cpu=True, stop_after=6)
+    at6 = load_file(str(tmp_path / "same" / "discriminator" / "model.safetensors"))
+    capsys.readouterr()
+    train_stylegan(_cfg(frames, tmp_path / "lower", g_lr=1e-12, d_lr=1e-12), progress=False, cpu=True, resume=True)
+    assert "learning rates G 0.0025 -> 1e-12, D 0.0025 -> 1e-12" in capsys.readouterr().out
+    train_stylegan(_cfg(frames, tmp_path / "same"), progress=False, cpu=True, resume=True)
+    assert "learning rates" not in capsys.readouterr().out
+    lower = load_file(str(tmp_path / "lower" / "discriminator" / "model.safetensors"))
+    same = load_file(str(tmp_path / "same" / "discriminator" / "model.safetensors"))
+    assert max((lower[k] - at6[k]).abs().max().item() for k in at6) < 1e-9
+    assert max((same[k] - at6[k]).abs().max().item() for k in at6) > 1e-4
+    assert json.loads((tmp_path / "lower" / "train_config.json").read_text())["d_lr"] == 1e-12
+
+
 def test_a_few_steps_learn_the_data_colour(tmp_path):
     data = _make_images(tmp_path / "red", 8, colour=(220, 60, 40), size=(10, 10))
     target = torch.tensor([220.0, 60.0, 40.0]) / 127.5 - 1
@@ -477,6 +495,19 @@ def _cli(frames, out, *extra) -> int:
         "--batch-size", "2", "--log-every", "2", "--sample-every", "2", "--save-every", "2", "--num-samples", "4",
         "--cpu", *extra,
     ])
+
+
+def test_cli_resume_keeps_or_changes_the_learning_rates(frames, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli(frames, out, "--steps", "6", "--stop-after", "2", "--g-lr", "0.001") == 0
+    assert _cli(frames, out, "--steps", "6", "--stop-after", "2", "--resume") == 0
+    config = json.loads((out / "train_config.json").read_text())
+    assert (config["g_lr"], config["d_lr"]) == (0.001, 0.0025)  # the run's own, not the defaults
+    assert "learning rates" not in capsys.readouterr().out
+    assert _cli(frames, out, "--steps", "6", "--resume", "--d-lr", "0.0001") == 0
+    assert "learning rates D 0.0025 -> 0.0001" in capsys.readouterr().out
+    config = json.loads((out / "train_config.json").read_text())
+    assert (config["g_lr"], config["d_lr"]) == (0.001, 0.0001)
 
 
 def test_cli_end_to_end(frames, tmp_path, capsys):

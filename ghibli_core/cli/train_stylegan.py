@@ -136,8 +136,10 @@ def add_stylegan_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-preload", action="store_true", help="decode images on every access instead of once")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=d["steps"], help="total optimisation steps")
-    g.add_argument("--g-lr", type=float, default=None, help="default 0.0025; 0.002 with --discriminator projected")
-    g.add_argument("--d-lr", type=float, default=None, help="default 0.0025; 0.002 with --discriminator projected")
+    g.add_argument("--g-lr", type=float, default=None,
+                   help="default 0.0025; 0.002 with --discriminator projected; with --resume the run's own "
+                        "unless given (a new rate applies from the resumed step)")
+    g.add_argument("--d-lr", type=float, default=None, help="as --g-lr, for the discriminator(s)")
     g.add_argument("--r1-gamma", type=float, default=None,
                    help="R1 weight (default: 0.0002 * resolution^2 / batch over all processes, as StyleGAN2-ADA; "
                         "none with --discriminator projected, where it is the --pixel-d-weight discriminator's)")
@@ -223,8 +225,9 @@ def _architecture(args: argparse.Namespace, G, D, defaults: dict) -> dict:
     if args.resume and previous.is_file():
         old = json.loads(previous.read_text())
         old.setdefault("discriminator", "stylegan2")  # written before the option existed
+        # and the learning rates: a resumed run keeps its own unless --g-lr / --d-lr change them
         for key in (*_G_ARCH, *_D_ARCH, *_P_ARCH, "resolution", "discriminator", "freeze_below",
-                    "pixel_d_weight"):
+                    "pixel_d_weight", "g_lr", "d_lr"):
             if getattr(args, key) is None and key in old:
                 setattr(args, key, old[key])
     arch = {}
