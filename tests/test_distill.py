@@ -178,6 +178,22 @@ def test_vgg_discriminator_gives_a_map_per_feature_level(data):
     assert [m.shape for m in maps] == [(2, 1, 4, 4)] * 3
 
 
+def test_resume_at_a_new_learning_rate(data, tmp_path, capsys):
+    # the schedulers' saved base rates must not override --lr / --lr-d on resume
+    train_distill(_cfg(tmp_path, tmp_path / "b"), data, Inverter(), teacher_id="inv", progress=False, stop_after=3)
+    capsys.readouterr()
+    train_distill(_cfg(tmp_path, tmp_path / "b", lr=1e-6, lr_d=1e-7), data, Inverter(), teacher_id="inv",
+                  progress=False, resume=True)
+    assert "learning rates G 0.01 -> 1e-06, D 0.0002 -> 1e-07" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    records = [r for r in records if "lr" in r]
+    before, after = [r for r in records if r["step"] <= 3], [r for r in records if r["step"] > 3]
+    assert before and all(r["lr"] == pytest.approx(1e-2) for r in before)
+    assert [r["step"] for r in after] == [4, 6]
+    # the new rate, at the schedule's decay (1 until step 4, 0 at step 6)
+    assert after[0]["lr"] == pytest.approx(1e-6) and after[1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 @pytest.mark.parametrize("discriminator", ["vgg", "patch"])
 def test_resume_is_exact_and_the_run_folder_is_complete(data, tmp_path, discriminator):
     scored = []
@@ -271,12 +287,16 @@ def test_cli_train_distill_with_a_model_folder_as_teacher(tmp_path):
     args = ["train", "distill", "--teacher", str(tmp_path / "teacher"), "--photos", str(tmp_path / "photos"),
             "--frames", str(tmp_path / "frames"), "--vgg", str(tiny_vgg(tmp_path)), "--out", str(tmp_path / "run"),
             "--width", "4", "--n-blocks", "1", "--disc-width", "4", "--teacher-sizes", "36", "--frames-size", "32",
-            "--crop-size", "16", "--border", "2", "--batch-size", "1", "--steps", "2", "--decay-steps", "1"]
-    assert cli_main(args) == 0
+            "--crop-size", "16", "--border", "2", "--batch-size", "1", "--decay-steps", "1"]
+    assert cli_main([*args, "--steps", "2", "--lr", "0.001"]) == 0
     assert isinstance(load_model(tmp_path / "run" / "generator"), ResnetGenerator)
     assert len(list((tmp_path / "run" / "teacher_cache").glob("*.npy"))) == 2
     cfg = json.loads((tmp_path / "run" / "train_config.json").read_text())
-    assert cfg["teacher_sizes"] == [36] and cfg["steps"] == 2
+    assert cfg["teacher_sizes"] == [36] and cfg["steps"] == 2 and cfg["lr"] == 0.001
+    # resumed without --lr, the run keeps its own rate rather than the default
+    assert cli_main([*args, "--steps", "3", "--resume"]) == 0
+    cfg = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert (cfg["steps"], cfg["lr"], cfg["lr_d"]) == (3, 0.001, 2e-4)
 
 
 def test_style_net_student_for_video(data, tmp_path):

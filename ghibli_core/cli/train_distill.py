@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
 
 
@@ -80,8 +81,10 @@ def add_distill_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=d["steps"])
     g.add_argument("--decay-steps", type=int, default=d["decay_steps"])
-    g.add_argument("--lr", type=float, default=d["lr"])
-    g.add_argument("--lr-d", type=float, default=d["lr_d"])
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"student's rate ({d['lr']:g}; with --resume the run's own unless given: a new rate applies "
+                        "from the resumed step)")
+    g.add_argument("--lr-d", type=float, default=None, help=f"discriminator's rate ({d['lr_d']:g}; likewise)")
     g.add_argument("--ema-decay", type=float, default=d["ema_decay"])
     g.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default=d["mixed_precision"])
     g.add_argument("--seed", type=int, default=d["seed"])
@@ -122,6 +125,10 @@ def run_distill(args: argparse.Namespace) -> int:
         if args.student != "style-net":
             raise ValueError("--preset names a style-net size: use it with --student style-net")
         values = {**PRESETS[args.preset], **values}
+    previous = Path(args.out) / "train_config.json"
+    if args.resume and previous.is_file():  # a resumed run keeps its own rates unless told otherwise
+        old = json.loads(previous.read_text())
+        values.update({k: old[k] for k in ("lr", "lr_d") if k not in values and k in old})
     cfg = DistillConfig(**values)
     import torch
 
