@@ -245,6 +245,17 @@ def test_resume_is_exact_and_outputs(data, tmp_path):
         train_style_net(_cfg(tmp_path, tmp_path / "a", width=8, steps=8), data, progress=False, resume=True)
 
 
+def test_resume_at_a_new_learning_rate(data, tmp_path, capsys):
+    # the optimiser's saved rate must not override the configured one: at 1e-12 the network stays
+    at3 = load_file(str(train_style_net(_cfg(tmp_path, tmp_path / "b"), data, progress=False, stop_after=3)
+                        / "model.safetensors"))
+    capsys.readouterr()
+    end = train_style_net(_cfg(tmp_path, tmp_path / "b", lr=1e-12), data, progress=False, resume=True)
+    assert "learning rate 0.01 -> 1e-12" in capsys.readouterr().out
+    final = load_file(str(end / "model.safetensors"))
+    assert max((final[k] - at3[k]).abs().max().item() for k in at3) < 1e-9
+
+
 def test_style_loss_falls(data, tmp_path):
     out = tmp_path / "run"
     train_style_net(_cfg(tmp_path, out, steps=40, log_every=10, content_weight=0.0, style_weight=1e3), data, progress=False)
@@ -319,5 +330,10 @@ def test_cli_train_style(tmp_path, capsys):
     assert (net.config if hasattr(net, "config") else {}) is not None
     cfg = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert (cfg["width"], cfg["n_blocks"], cfg["steps"]) == (4, 1, 2)
+    # a resumed run keeps its own rate unless --lr is given
+    again = ["--style", str(style), "--out", str(tmp_path / "lr"), "--lr", "0.003"]
+    assert cli_main([*base, *again, "--stop-after", "1"]) == 0
+    assert cli_main([*base, *again[:-2], "--resume"]) == 0
+    assert json.loads((tmp_path / "lr" / "train_config.json").read_text())["lr"] == 0.003
     assert cli_main(base + ["--style", str(tmp_path / "nope.png"), "--out", str(tmp_path / "r2")]) != 0
     assert "nope.png" in capsys.readouterr().err

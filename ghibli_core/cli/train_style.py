@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+from pathlib import Path
 
 
 def add_style_parser(p: argparse.ArgumentParser) -> None:
@@ -56,7 +58,8 @@ def add_style_parser(p: argparse.ArgumentParser) -> None:
                    help="default: relu1_2 relu2_2 relu3_1")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=d["steps"])
-    g.add_argument("--lr", type=float, default=d["lr"])
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"{d['lr']:g}; with --resume the run's own unless given (a new rate applies from the resumed step)")
     g.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default=d["mixed_precision"])
     g.add_argument("--seed", type=int, default=d["seed"])
     g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
@@ -83,12 +86,18 @@ def run_style(args: argparse.Namespace) -> int:
     if args.n_blocks is not None:
         preset["n_blocks"] = args.n_blocks
     extra = {} if args.style_layers is None else {"style_layers": args.style_layers}
+    lr = args.lr
+    previous = Path(args.out) / "train_config.json"
+    if lr is None and args.resume and previous.is_file():  # a resumed run keeps its own rate
+        lr = json.loads(previous.read_text()).get("lr")
+    if lr is not None:
+        extra["lr"] = lr
     cfg = StyleNetConfig(
         photos=args.photos, style=args.style, vgg=str(args.vgg), out=args.out, include=args.include,
         exclude=args.exclude, teacher=args.teacher, **preset, image_size=args.image_size, load_size=args.load_size, style_size=args.style_size,
         batch_size=args.batch_size, content_weight=args.content_weight, style_weight=args.style_weight,
         tv_weight=args.tv_weight, teacher_weight=args.teacher_weight, content_layer=args.content_layer,
-        steps=args.steps, lr=args.lr, mixed_precision=args.mixed_precision, seed=args.seed,
+        steps=args.steps, mixed_precision=args.mixed_precision, seed=args.seed,
         log_every=args.log_every, preview_every=args.preview_every, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, **extra,
     )

@@ -48,6 +48,7 @@ from .common import (
     TrainState,
     average_gradients,
     load_latest_checkpoint,
+    set_learning_rates,
     make_accelerator,
     open_run_folder,
     export_network,
@@ -190,8 +191,10 @@ def train_style_net(
         accelerator.register_for_checkpointing(obj)
     if resume:
         latest = load_latest_checkpoint(accelerator, ckpt_dir)
+        changed = set_learning_rates([("", opt, cfg.lr)])
         if main:
-            print(f"resumed from {latest} at step {state.step}")
+            print(f"resumed from {latest} at step {state.step}"
+                  + (f"; learning rate{', '.join(changed)}" if changed else ""))
 
     # 2. Data and fixed targets.
     paths = select_images(cfg.photos, include=cfg.include, exclude=cfg.exclude)

@@ -93,6 +93,7 @@ from .common import (
     TrainState,
     average_gradients,
     load_latest_checkpoint,
+    set_learning_rates,
     export_network,
     make_accelerator,
     open_run_folder,
@@ -537,17 +538,10 @@ def train_stylegan(
         accelerator.register_for_checkpointing(obj)
     if resume:
         latest = load_latest_checkpoint(accelerator, ckpt_dir)
-        # the optimisers' saved state carries the rates they ran with: the configured ones win, so a
-        # resumed run can go on at a lower rate (the Adam moments are kept)
-        changed = []
-        for name, opt, lr in (("G", opt_G, cfg.g_lr), ("D", opt_D, cfg.d_lr)):
-            for group in opt.param_groups:
-                if group["lr"] != lr:
-                    changed.append(f"{name} {group['lr']:g} -> {lr:g}")
-                group["lr"] = lr
+        changed = set_learning_rates([("G", opt_G, cfg.g_lr), ("D", opt_D, cfg.d_lr)])  # a resumed run may slow down
         if main:
             print(f"resumed from {latest} at step {state.step} (augmentation p {augment.p:.4f})"
-                  + (f"; learning rates {', '.join(dict.fromkeys(changed))}" if changed else ""))
+                  + (f"; learning rates {', '.join(changed)}" if changed else ""))
 
     # 2. Data: sample k is a fixed crop, so a resumed run continues the same stream.
     paths = select_images(cfg.data, include=cfg.include, exclude=cfg.exclude, where=cfg.where)
