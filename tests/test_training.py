@@ -69,6 +69,28 @@ def test_resume_is_exact(domains, tmp_path):
     assert any(not torch.equal(halfway[k], a[k]) for k in a)
 
 
+def test_resume_at_a_new_learning_rate(domains, tmp_path, capsys):
+    from ghibli_core.cli import main as cli_main
+
+    out = tmp_path / "run"
+    train_cyclegan(_cfg(domains, out), progress=False, stop_after=3)
+    capsys.readouterr()
+    train_cyclegan(_cfg(domains, out, lr=1e-6), progress=False, resume=True)
+    assert "learning rates G 0.0002 -> 1e-06, D 0.0002 -> 1e-06" in capsys.readouterr().out
+    records = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "lr" in r]
+    before, after = [r for r in records if r["step"] <= 3], [r for r in records if r["step"] > 3]
+    assert before and all(r["lr"] == pytest.approx(2e-4) for r in before)
+    assert [r["step"] for r in after] == [4, 6] and 0 < after[0]["lr"] <= 1e-6  # the new rate, decaying
+    # the command line: a resumed run keeps its own rate unless --lr is given
+    a, b = domains
+    args = ["train", "cyclegan", "--domain-a", str(a), "--domain-b", str(b), "--out", str(tmp_path / "cli"),
+            "--width", "4", "--n-blocks", "1", "--disc-width", "4", "--disc-layers", "2", "--load-size", "36",
+            "--crop-size", "32", "--steps", "4", "--save-every", "2", "--log-every", "2", "--sample-every", "4", "--cpu"]
+    assert cli_main([*args, "--lr", "0.001", "--stop-after", "2"]) == 0
+    assert cli_main([*args, "--resume"]) == 0
+    assert json.loads((tmp_path / "cli" / "train_config.json").read_text())["lr"] == 0.001
+
+
 def test_run_outputs(domains, tmp_path):
     out = tmp_path / "run"
     gen = train_cyclegan(_cfg(domains, out, keep_checkpoints=1), progress=False)

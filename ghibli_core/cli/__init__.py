@@ -39,6 +39,19 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
     return wrap
 
 
+def resumed_settings(args: argparse.Namespace, *keys: str) -> dict:
+    """With ``--resume``, the run folder's saved values of ``keys`` that were not given on the
+    command line (``None`` in ``args``), e.g. the learning rates a resumed run keeps unless told."""
+    import json
+    from pathlib import Path
+
+    path = Path(args.out) / "train_config.json"
+    if not (args.resume and path.is_file()):
+        return {}
+    old = json.loads(path.read_text())
+    return {k: old[k] for k in keys if getattr(args, k, None) is None and k in old}
+
+
 def build_parser() -> argparse.ArgumentParser:
     for module in COMMAND_MODULES:
         try:

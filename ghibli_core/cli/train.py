@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from . import command
+from . import command, resumed_settings
 from .train_distill import add_distill_parser, run_distill
 from .train_style import add_style_parser, run_style
 from .train_stylegan import add_stylegan_parser, run_stylegan
@@ -46,7 +46,8 @@ def _add_cyclegan(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=d["steps"], help="total optimisation steps")
     g.add_argument("--decay-steps", type=int, default=None, help="final steps of linear LR decay (default: half)")
-    g.add_argument("--lr", type=float, default=d["lr"])
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"{d['lr']:g}; with --resume the run's own unless given (a new rate applies from the resumed step)")
     g.add_argument("--lambda-cycle", type=float, default=d["lambda_cycle"])
     g.add_argument("--lambda-identity", type=float, default=d["lambda_identity"])
     g.add_argument("--pool-size", type=int, default=d["pool_size"])
@@ -74,6 +75,7 @@ def _add_cyclegan(p: argparse.ArgumentParser) -> None:
 def _run_cyclegan(args: argparse.Namespace) -> int:
     from ..training.cyclegan import CycleGANConfig, train_cyclegan
 
+    lr = args.lr if args.lr is not None else resumed_settings(args, "lr").get("lr", CycleGANConfig.lr)
     cfg = CycleGANConfig(
         domain_a=args.domain_a, domain_b=args.domain_b, out=args.out,
         include_a=args.include_a, exclude_a=args.exclude_a, include_b=args.include_b, exclude_b=args.exclude_b,
@@ -82,7 +84,7 @@ def _run_cyclegan(args: argparse.Namespace) -> int:
         upsample=args.upsample, init_a=args.init_a, disc_width=args.disc_width, disc_layers=args.disc_layers,
         load_size=args.load_size, crop_size=args.crop_size, batch_size=args.batch_size, preload=not args.no_preload,
         steps=args.steps, decay_steps=args.steps // 2 if args.decay_steps is None else args.decay_steps,
-        lr=args.lr, lambda_cycle=args.lambda_cycle, lambda_identity=args.lambda_identity,
+        lr=lr, lambda_cycle=args.lambda_cycle, lambda_identity=args.lambda_identity,
         pool_size=args.pool_size, ema_decay=args.ema_decay, mixed_precision=args.mixed_precision, seed=args.seed,
         log_every=args.log_every, sample_every=args.sample_every, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every,

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 from pathlib import Path
+
+from . import resumed_settings
 
 
 def add_distill_parser(p: argparse.ArgumentParser) -> None:
@@ -125,10 +126,7 @@ def run_distill(args: argparse.Namespace) -> int:
         if args.student != "style-net":
             raise ValueError("--preset names a style-net size: use it with --student style-net")
         values = {**PRESETS[args.preset], **values}
-    previous = Path(args.out) / "train_config.json"
-    if args.resume and previous.is_file():  # a resumed run keeps its own rates unless told otherwise
-        old = json.loads(previous.read_text())
-        values.update({k: old[k] for k in ("lr", "lr_d") if k not in values and k in old})
+    values.update(resumed_settings(args, "lr", "lr_d"))  # a resumed run keeps its own rates unless told
     cfg = DistillConfig(**values)
     import torch
 

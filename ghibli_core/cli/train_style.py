@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-from pathlib import Path
+
+from . import resumed_settings
 
 
 def add_style_parser(p: argparse.ArgumentParser) -> None:
@@ -86,12 +86,9 @@ def run_style(args: argparse.Namespace) -> int:
     if args.n_blocks is not None:
         preset["n_blocks"] = args.n_blocks
     extra = {} if args.style_layers is None else {"style_layers": args.style_layers}
-    lr = args.lr
-    previous = Path(args.out) / "train_config.json"
-    if lr is None and args.resume and previous.is_file():  # a resumed run keeps its own rate
-        lr = json.loads(previous.read_text()).get("lr")
-    if lr is not None:
-        extra["lr"] = lr
+    if args.lr is not None:
+        extra["lr"] = args.lr
+    extra.update(resumed_settings(args, "lr"))  # a resumed run keeps its own rate unless told
     cfg = StyleNetConfig(
         photos=args.photos, style=args.style, vgg=str(args.vgg), out=args.out, include=args.include,
         exclude=args.exclude, teacher=args.teacher, **preset, image_size=args.image_size, load_size=args.load_size, style_size=args.style_size,

@@ -333,6 +333,22 @@ def set_learning_rates(rates: Iterable[tuple[str, torch.optim.Optimizer, float]]
     return list(dict.fromkeys(changed))
 
 
+def set_scheduled_learning_rates(rates: Iterable[tuple[str, object, float]]) -> list[str]:
+    """As :func:`set_learning_rates`, for ``(name, scheduler, lr)`` with a ``LambdaLR``-style
+    scheduler (plain or accelerate-wrapped): its saved base rates become the configured ones and
+    the optimiser's current rate keeps the schedule's factor at the resumed step."""
+    changed = []
+    for name, sched, lr in rates:
+        inner = getattr(sched, "scheduler", sched)
+        for i, group in enumerate(inner.optimizer.param_groups):
+            old = inner.base_lrs[i]
+            if old != lr:
+                changed.append(f"{name} {old:g} -> {lr:g}")
+                group["lr"] = group["lr"] / old * lr
+                group["initial_lr"] = inner.base_lrs[i] = lr
+    return list(dict.fromkeys(changed))
+
+
 def load_latest_checkpoint(accelerator: Accelerator, folder: Path) -> Path:
     """``load_state`` from the newest complete checkpoint in ``folder``; returns its path."""
     found = list_checkpoints(folder)

@@ -41,6 +41,7 @@ from .common import (
     average_gradients,
     linear_decay,
     load_latest_checkpoint,
+    set_scheduled_learning_rates,
     make_accelerator,
     open_run_folder,
     export_network,
@@ -186,8 +187,10 @@ def train_cyclegan(
 
     if resume:
         latest = load_latest_checkpoint(accelerator, ckpt_dir)
+        changed = set_scheduled_learning_rates([("G", sched_G, cfg.lr), ("D", sched_D, cfg.lr)])
         if main:
-            print(f"resumed from {latest} at step {state.step}")
+            print(f"resumed from {latest} at step {state.step}"
+                  + (f"; learning rates {', '.join(changed)}" if changed else ""))
 
     # 2. Data: every sample index maps to fixed crops, so resuming continues the same stream.
     paths_a = select_images(cfg.domain_a, include=cfg.include_a, exclude=cfg.exclude_a, where=cfg.where_a)

@@ -74,6 +74,7 @@ from .common import (
     export_network,
     linear_decay,
     load_latest_checkpoint,
+    set_scheduled_learning_rates,
     make_accelerator,
     open_run_folder,
     parameters_in_sync,
@@ -490,17 +491,7 @@ def train_distill(
         accelerator.register_for_checkpointing(obj)
     if resume:
         latest = load_latest_checkpoint(accelerator, ckpt_dir)
-        # the schedulers' saved base rates would silently override --lr / --lr-d: the configured ones
-        # win, at the schedule's current factor (the Adam moments are kept)
-        changed = []
-        for name, sched, lr in (("G", sched_g, cfg.lr), ("D", sched_d, cfg.lr_d)):
-            inner = getattr(sched, "scheduler", sched)  # accelerate wraps it
-            for i, group in enumerate(inner.optimizer.param_groups):
-                old = inner.base_lrs[i]
-                if old != lr:
-                    changed.append(f"{name} {old:g} -> {lr:g}")
-                    group["lr"] = group["lr"] / old * lr
-                    group["initial_lr"] = inner.base_lrs[i] = lr
+        changed = set_scheduled_learning_rates([("G", sched_g, cfg.lr), ("D", sched_d, cfg.lr_d)])
         if main:
             print(f"resumed from {latest} at step {state.step}"
                   + (f"; learning rates {', '.join(changed)}" if changed else ""))
