@@ -323,12 +323,13 @@ def export_network(net: nn.Module, folder: Path, *, extra: Callable[[Path], None
 def set_learning_rates(rates: Iterable[tuple[str, torch.optim.Optimizer, float]]) -> list[str]:
     """After a resume, give each ``(name, optimiser, lr)`` its configured rate: the loaded optimiser
     state carries the rate it ran with, which would otherwise override a new one silently (the Adam
-    moments are kept). Returns the changes as ``"name old -> new"``, for the resume message."""
+    moments are kept). Returns the changes as ``"name old -> new"`` (``"old -> new"`` for an empty
+    name), for the resume message."""
     changed = []
     for name, opt, lr in rates:
         for group in opt.param_groups:
             if group["lr"] != lr:
-                changed.append(f"{name} {group['lr']:g} -> {lr:g}")
+                changed.append(f"{name} {group['lr']:g} -> {lr:g}".lstrip())
             group["lr"] = lr
     return list(dict.fromkeys(changed))
 

@@ -194,7 +194,7 @@ def train_style_net(
         changed = set_learning_rates([("", opt, cfg.lr)])
         if main:
             print(f"resumed from {latest} at step {state.step}"
-                  + (f"; learning rate{', '.join(changed)}" if changed else ""))
+                  + (f"; learning rate {changed[0]}" if changed else ""))
 
     # 2. Data and fixed targets.
     paths = select_images(cfg.photos, include=cfg.include, exclude=cfg.exclude)
